@@ -1,0 +1,46 @@
+"""mmsb-dist: a distributed, GPU-resident page store with ordered logs, epochs, checkpoints and replay.
+
+The public surface is what this module exports (pinned by tests/test_exports.py); everything in
+modules whose name starts with an underscore, and any name not listed here, is private.
+"""
+
+from mmsb_dist.arena import DTYPES, PageArena, PageInfo
+from mmsb_dist.backend import Backend, get_backend, gpu_available
+from mmsb_dist.delta import DeltaBatch, compose, diff
+from mmsb_dist.errors import (
+    CapacityError,
+    CorruptionError,
+    EpochError,
+    GraphCycleError,
+    InvalidDeltaError,
+    InvalidPageError,
+    MmsbError,
+    SerializationError,
+    UnknownPageError,
+)
+from mmsb_dist.formats import (
+    DELTA_SCHEMA,
+    EVENT_SCHEMA,
+    FORMAT_VERSION,
+    EventKind,
+    decode_deltas,
+    decode_events,
+    encode_deltas,
+    encode_events,
+    pack_control,
+    unpack_control,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DTYPES", "PageArena", "PageInfo",
+    "Backend", "get_backend", "gpu_available",
+    "DeltaBatch", "compose", "diff",
+    "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
+    "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
+    "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",
+    "encode_deltas", "decode_deltas", "encode_events", "decode_events",
+    "pack_control", "unpack_control",
+    "__version__",
+]

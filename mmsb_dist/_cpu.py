@@ -1,0 +1,224 @@
+"""CPU kernels: compiled (numba) implementations of ``kernels/reference.py``, plus the open-addressing
+hash index that maps page ids to page-table slots.
+
+Every function here has the exact meaning of its namesake in the reference and is tested against it
+byte for byte. They take flat ``uint8`` arrays and ``int64``/``uint64`` index arrays; no Python runs
+per delta. ``nogil=True`` lets a shard apply one batch while another thread writes the log.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from mmsb_dist.kernels.reference import FMIX_M1, FMIX_M2, HASH_P1, HASH_P2
+
+_M1 = np.uint64(FMIX_M1)
+_M2 = np.uint64(FMIX_M2)
+_P1 = np.uint64(HASH_P1)
+_P2 = np.uint64(HASH_P2)
+_S33 = np.uint64(33)
+EMPTY_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)  # reserved: no page may have this id
+
+_jit = njit(nogil=True, cache=True)
+
+
+@_jit
+def scatter_runs(arena, dest, src, lengths, payload):
+    for i in range(dest.shape[0]):
+        d = dest[i]
+        s = src[i]
+        n = lengths[i]
+        arena[d:d + n] = payload[s:s + n]
+
+
+@_jit
+def copy_runs(dst, dst_off, src, src_off, lengths):
+    for i in range(dst_off.shape[0]):
+        d = dst_off[i]
+        s = src_off[i]
+        n = lengths[i]
+        dst[d:d + n] = src[s:s + n]
+
+
+@_jit
+def zero_runs(arena, dest, lengths):
+    for i in range(dest.shape[0]):
+        d = dest[i]
+        arena[d:d + lengths[i]] = 0
+
+
+@_jit
+def merge_masked(arena, dest, src, lengths, mask_src, payload, masks):
+    for i in range(dest.shape[0]):
+        d = dest[i]
+        s = src[i]
+        n = lengths[i]
+        m = mask_src[i]
+        for k in range((n + 7) // 8):
+            bits = masks[m + k]
+            if bits == 0:
+                continue
+            base = 8 * k
+            top = min(8, n - base)
+            if bits == 0xFF and top == 8:
+                arena[d + base:d + base + 8] = payload[s + base:s + base + 8]
+            else:
+                for j in range(top):
+                    if (bits >> j) & 1:
+                        arena[d + base + j] = payload[s + base + j]
+
+
+@_jit
+def compare_into(a, b, out):
+    """out[k] = mask byte k of (a != b); ``out`` has ceil(len/8) bytes."""
+    n = a.shape[0]
+    for k in range((n + 7) // 8):
+        bits = 0
+        base = 8 * k
+        for j in range(min(8, n - base)):
+            if a[base + j] != b[base + j]:
+                bits |= 1 << j
+        out[k] = bits
+
+
+@_jit
+def _fmix64(x):
+    x ^= x >> _S33
+    x *= _M1
+    x ^= x >> _S33
+    x *= _M2
+    x ^= x >> _S33
+    return x
+
+
+@_jit
+def _hash_range(data, words, off, n):
+    """``words`` is ``data`` viewed as uint64 (or an empty array when len(data) % 8 != 0)."""
+    acc = np.uint64(0)
+    full = n // 8
+    if off % 8 == 0 and words.shape[0] > 0:
+        w0 = off // 8
+        for w in range(full):
+            acc += _fmix64(words[w0 + w] ^ (np.uint64(w + 1) * _P1))
+    else:
+        for w in range(full):
+            p = off + 8 * w
+            word = np.uint64(0)
+            for j in range(8):
+                word |= np.uint64(data[p + j]) << np.uint64(8 * j)
+            acc += _fmix64(word ^ (np.uint64(w + 1) * _P1))
+    rest = n - 8 * full
+    if rest:
+        p = off + 8 * full
+        word = np.uint64(0)
+        for j in range(rest):
+            word |= np.uint64(data[p + j]) << np.uint64(8 * j)
+        acc += _fmix64(word ^ (np.uint64(full + 1) * _P1))
+    return _fmix64(acc ^ (np.uint64(n) * _P2))
+
+
+@_jit
+def page_hash(arena, words, offsets, lengths, out):
+    for i in range(offsets.shape[0]):
+        out[i] = _hash_range(arena, words, offsets[i], lengths[i])
+
+
+@_jit
+def combine_hashes(ids, hashes):
+    acc = np.uint64(0)
+    for i in range(ids.shape[0]):
+        acc += _fmix64(_fmix64(ids[i]) ^ hashes[i])
+    return acc
+
+
+# --- page id index: open addressing, linear probing, backward-shift deletion -----------------------
+# keys: uint64[cap] (EMPTY_KEY = free), vals: int64[cap]; cap is a power of two, load <= 1/2.
+
+
+@_jit
+def index_insert(keys, vals, ids, slots):
+    """Insert ids -> slots. Returns the position in ``ids`` of the first id already present (and
+    stops there, having inserted the ones before it), or -1 when all were inserted."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _fmix64(k) & mask
+        while True:
+            cur = keys[h]
+            if cur == EMPTY_KEY:
+                keys[h] = k
+                vals[h] = slots[i]
+                break
+            if cur == k:
+                return i
+            h = (h + np.uint64(1)) & mask
+    return -1
+
+
+@_jit
+def index_lookup(keys, vals, ids, out):
+    """out[i] = slot of ids[i]. Returns the position of the first unknown id, or -1."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _fmix64(k) & mask
+        while True:
+            cur = keys[h]
+            if cur == k:
+                out[i] = vals[h]
+                break
+            if cur == EMPTY_KEY:
+                return i
+            h = (h + np.uint64(1)) & mask
+    return -1
+
+
+@_jit
+def index_find_any(keys, vals, ids, out):
+    """Position in ``ids`` of the first id that is present (its slot in out[0]), or -1."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _fmix64(k) & mask
+        while True:
+            cur = keys[h]
+            if cur == k:
+                out[0] = vals[h]
+                return i
+            if cur == EMPTY_KEY:
+                break
+            h = (h + np.uint64(1)) & mask
+    return -1
+
+
+@_jit
+def index_delete(keys, vals, ids):
+    """Remove ids (all must be present: callers look them up first)."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _fmix64(k) & mask
+        while keys[h] != k:
+            h = (h + np.uint64(1)) & mask
+        # Backward-shift: pull later members of the probe chain into the hole.
+        hole = h
+        j = (h + np.uint64(1)) & mask
+        while keys[j] != EMPTY_KEY:
+            home = _fmix64(keys[j]) & mask
+            # Move j into the hole if its home is not cyclically in (hole, j].
+            if ((j - home) & mask) >= ((j - hole) & mask):
+                keys[hole] = keys[j]
+                vals[hole] = vals[j]
+                hole = j
+            j = (j + np.uint64(1)) & mask
+        keys[hole] = EMPTY_KEY
+
+
+@_jit
+def bounds_violation(offsets, lengths, sizes):
+    """Position of the first delta with offset+length beyond its page size (or length < 1), or -1."""
+    for i in range(offsets.shape[0]):
+        if lengths[i] < 1 or offsets[i] < 0 or offsets[i] + lengths[i] > sizes[i]:
+            return i
+    return -1

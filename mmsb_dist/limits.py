@@ -1,0 +1,45 @@
+"""Every limit of the engine, in one place, with its unit in its name.
+
+Each says why it is what it is and what raising it would cost. Validation refers to these names, and
+so do the error messages, so a user who hits one can find it here.
+"""
+
+# A page is one contiguous range of one arena. 1 GiB keeps every in-page offset in a u32 column of the
+# Arrow schema and lets one page fill a sizeable fraction of a GPU without a single kernel launch
+# touching more than 2^30 bytes of it. Larger objects are built from several pages.
+page_bytes_max = 1 << 30
+
+# Pages start at multiples of this, so the 16-byte vector path of the kernels applies whenever a
+# delta's own offset is aligned. Costs up to 15 bytes of padding per page.
+page_alignment_bytes = 16
+
+# A batch is validated, logged and applied as a whole, so its size bounds the memory one request can
+# pin on a shard (host staging + device copy) and the length of one fsync group. 4 Mi deltas of
+# 64 bytes is 256 MiB of payload, far past the point where per-call overhead stops mattering.
+batch_deltas_max = 4 << 20
+
+# Payload plus mask bytes in one batch. Arrow's `binary` columns have int32 offsets (< 2 GiB);
+# 1 GiB leaves headroom and bounds a single host-to-device copy to well under a second.
+batch_bytes_max = 1 << 30
+
+# Pages created (or freed) by one call. Bounds the page-table arrays built per call
+# (~40 bytes per page of bookkeeping, so 16 Mi pages is ~640 MiB of host memory at the peak).
+pages_per_call_max = 16 << 20
+
+# A new arena starts this large and grows by `arena_growth_factor` (at least) when full, compacting
+# live pages as it copies them. Growth costs one copy of the live bytes; doubling keeps the amortized
+# cost per created byte constant.
+arena_bytes_initial = 1 << 20
+arena_growth_factor = 2
+
+# The GPU scatter kernel tracks the last writer of every arena granule of this many bytes to keep
+# last-writer-wins order inside a batch without sorting. Costs 4 bytes of device memory per granule
+# (6.25% of the arena) plus a 1-byte fixup flag (1.6%).
+scatter_granule_bytes = 64
+
+# The GPU scatter kernel splits runs longer than this into pieces so that one long run does not
+# serialize on one warp while the rest of the device idles.
+scatter_piece_bytes_max = 4096
+
+# Control messages (msgpack) are small by construction; anything larger is a bug or an attack.
+control_message_bytes_max = 1 << 20
