@@ -9,7 +9,7 @@ per delta. ``nogil=True`` lets a shard apply one batch while another thread writ
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from mmsb_dist.kernels.reference import FMIX_M1, FMIX_M2, HASH_P1, HASH_P2
 
@@ -25,11 +25,32 @@ _jit = njit(nogil=True, cache=True)
 
 @_jit
 def scatter_runs(arena, dest, src, lengths, payload):
+    # An explicit byte loop: LLVM vectorizes it, and it runs ~1.4x faster than slice assignment on
+    # random destinations (no per-run slice objects or overlap checks).
     for i in range(dest.shape[0]):
         d = dest[i]
         s = src[i]
-        n = lengths[i]
-        arena[d:d + n] = payload[s:s + n]
+        for j in range(lengths[i]):
+            arena[d + j] = payload[s + j]
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
+    """scatter_runs on ``parts`` threads. Thread k owns bytes [k*step, (k+1)*step) of the arena and
+    walks every run in batch order, writing only the part inside its range: per-byte order is the
+    batch order, as in the reference, with no locks. Random destinations keep the threads even."""
+    step = (arena.shape[0] + parts - 1) // parts
+    for k in prange(parts):
+        lo = k * step
+        hi = min(arena.shape[0], lo + step)
+        for i in range(dest.shape[0]):
+            d = dest[i]
+            a = max(d, lo)
+            b = min(d + lengths[i], hi)
+            if a < b:
+                s = src[i] + (a - d)
+                for j in range(b - a):
+                    arena[a + j] = payload[s + j]
 
 
 @_jit
@@ -215,10 +236,42 @@ def index_delete(keys, vals, ids):
         keys[hole] = EMPTY_KEY
 
 
+# Codes of what is wrong with a delta (first one found, in batch order).
+OK, NO_BYTES, BAD_OFFSET, BAD_MASK, UNKNOWN_PAGE, OUT_OF_BOUNDS = 0, 1, 2, 3, 4, 5
+
+
 @_jit
-def bounds_violation(offsets, lengths, sizes):
-    """Position of the first delta with offset+length beyond its page size (or length < 1), or -1."""
+def shape_fault(offsets, data_starts, masked, mask_starts, page_bytes_max):
+    """(code, index) of the first delta whose own shape is wrong, or (OK, -1).
+    Kept free of helper calls: a call per delta made this loop ~13x slower."""
     for i in range(offsets.shape[0]):
-        if lengths[i] < 1 or offsets[i] < 0 or offsets[i] + lengths[i] > sizes[i]:
-            return i
-    return -1
+        n = data_starts[i + 1] - data_starts[i]
+        if n < 1:
+            return 1, i  # NO_BYTES
+        o = offsets[i]
+        if o < 0 or o >= page_bytes_max:
+            return 2, i  # BAD_OFFSET
+        want = (n + 7) >> 3 if masked[i] else 0
+        if mask_starts[i + 1] - mask_starts[i] != want:
+            return 3, i  # BAD_MASK
+    return 0, -1
+
+
+@_jit
+def translate(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes, slots, dest):
+    """Check every delta (already shape-checked) against the page table in one pass, filling
+    ``slots`` and absolute ``dest`` offsets. Returns (code, index) of the first fault, or (OK, -1)."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(page_ids.shape[0]):
+        k = page_ids[i]
+        h = _fmix64(k) & mask
+        while keys[h] != k:
+            if keys[h] == EMPTY_KEY:
+                return 4, i  # UNKNOWN_PAGE
+            h = (h + np.uint64(1)) & mask
+        slot = vals[h]
+        if offsets[i] + data_starts[i + 1] - data_starts[i] > page_sizes[slot]:
+            return 5, i  # OUT_OF_BOUNDS
+        slots[i] = slot
+        dest[i] = page_offsets[slot] + offsets[i]
+    return OK, -1

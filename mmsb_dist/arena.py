@@ -22,7 +22,7 @@ from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.delta import DeltaBatch
 from mmsb_dist.errors import CapacityError, InvalidDeltaError, InvalidPageError, UnknownPageError
 
-__all__ = ["PageArena", "PageInfo", "DTYPES"]
+__all__ = ["PageArena", "PageInfo", "ArenaSnapshot", "DTYPES"]
 
 # Page dtypes by code (the code is what page tables and checkpoints store).
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -49,6 +49,32 @@ class PageInfo:
     size: int
     version: int
     dtype: str
+
+
+@dataclass(frozen=True, eq=False)
+class ArenaSnapshot:
+    """A host copy of an arena's pages: what a checkpoint stores and a restore loads.
+
+    ``data`` holds the pages' bytes back to back in the order of ``page_ids`` (``starts[i]`` is where
+    page i begins; ``starts`` has n+1 entries). ``dtypes`` are codes into ``DTYPES``.
+    """
+
+    page_ids: np.ndarray   # u64[n]
+    sizes: np.ndarray      # i64[n]
+    versions: np.ndarray   # u64[n]
+    dtypes: np.ndarray     # u8[n]
+    hashes: np.ndarray     # u64[n], page hashes of the bytes in ``data``
+    data: np.ndarray       # u8[sum(sizes)]
+    next_id: int = 0
+
+    @property
+    def starts(self) -> np.ndarray:
+        starts = np.zeros(self.sizes.size + 1, np.int64)
+        np.cumsum(self.sizes, out=starts[1:])
+        return starts
+
+    def state_hash(self) -> int:
+        return int(_cpu.combine_hashes(self.page_ids, self.hashes))
 
 
 class PageArena:
@@ -278,13 +304,16 @@ class PageArena:
         """Check a whole batch against the page table; returns (slots, absolute dest offsets).
         Raises the typed error of the first delta at fault; changes nothing."""
         batch.check()
-        slots = self.slots_of(batch.page_ids)
-        lengths = batch.lengths
-        sizes = self._sizes[slots]
-        bad = _cpu.bounds_violation(batch.offsets, lengths, sizes)
-        if bad >= 0:
-            raise batch._at(bad, f"range beyond the page's {int(sizes[bad])} bytes")
-        return slots, self._offsets[slots] + batch.offsets
+        n = len(batch)
+        slots = np.empty(n, np.int64)
+        dest = np.empty(n, np.int64)
+        code, i = _cpu.translate(batch.page_ids, batch.offsets, batch.data_starts, self._keys,
+                                 self._vals, self._offsets, self._sizes, slots, dest)
+        if code != _cpu.OK:
+            size = int(self._sizes[self.slots_of(batch.page_ids[i:i + 1])[0]]) \
+                if code == _cpu.OUT_OF_BOUNDS else None
+            raise batch.fault(code, i, size)
+        return slots, dest
 
     def apply(self, batch: DeltaBatch, version: int | None = None) -> np.ndarray:
         """Validate, then apply a whole batch in order. Returns the slots it touched."""
@@ -373,6 +402,43 @@ class PageArena:
         self._refresh_hashes()
         live = np.flatnonzero(self._live[: self._nslots])
         return int(_cpu.combine_hashes(self._ids[live], self._hashes[live]))
+
+    # ---- snapshots -----------------------------------------------------------------------------
+
+    def snapshot(self) -> ArenaSnapshot:
+        """A consistent host copy of every live page (gathered on the backend, one transfer)."""
+        slots = np.flatnonzero(self._live[: self._nslots])
+        self._refresh_hashes()
+        sizes = self._sizes[slots].copy()
+        starts = np.zeros(slots.size + 1, np.int64)
+        np.cumsum(sizes, out=starts[1:])
+        staging = self.backend.zeros(max(int(starts[-1]), 1))
+        self.backend.copy_runs(staging, starts[:-1], self._buf, self._offsets[slots], sizes)
+        data = np.array(self.backend.to_host(staging)[: int(starts[-1])], copy=True)
+        return ArenaSnapshot(self._ids[slots].copy(), sizes, self._versions[slots].copy(),
+                             self._dtypes[slots].copy(), self._hashes[slots].copy(), data,
+                             self._next_id)
+
+    @classmethod
+    def from_snapshot(cls, snap: ArenaSnapshot, backend: Backend | str = "auto") -> "PageArena":
+        """A new arena holding exactly the snapshot's pages (ids, bytes, versions, dtypes)."""
+        arena = cls(backend, capacity_bytes=max(int(_align(snap.sizes).sum()), _ALIGN))
+        n = snap.page_ids.size
+        if n:
+            slots = arena._take_slots(n)
+            asizes = _align(snap.sizes)
+            offsets = np.zeros(n, np.int64)
+            np.cumsum(asizes[:-1], out=offsets[1:])
+            arena._top = int(asizes.sum())
+            arena.backend.copy_runs(arena._buf, offsets, arena.backend.upload(snap.data),
+                                    snap.starts[:-1], snap.sizes)
+            assert _cpu.index_insert(arena._keys, arena._vals, snap.page_ids, slots) < 0
+            arena._count = n
+            arena._ids[slots], arena._offsets[slots] = snap.page_ids, offsets
+            arena._sizes[slots], arena._versions[slots] = snap.sizes, snap.versions
+            arena._dtypes[slots], arena._live[slots], arena._dirty[slots] = snap.dtypes, True, True
+        arena._next_id = int(snap.next_id)
+        return arena
 
     # ---- invariants ----------------------------------------------------------------------------
 

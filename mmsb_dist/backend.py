@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from mmsb_dist import _cpu
+from mmsb_dist import _cpu, limits
 from mmsb_dist.errors import CapacityError
 
 __all__ = ["Backend", "CpuBackend", "get_backend", "gpu_available"]
@@ -81,6 +81,12 @@ class CpuBackend(Backend):
     name = "numpy"
     xp = np
 
+    def __init__(self, threads: int | None = None):
+        import numba
+
+        # Threads for large run scatters; numba's pool is sized from the CPU count at import.
+        self.threads = max(1, min(threads or numba.config.NUMBA_NUM_THREADS, 8))
+
     def zeros(self, nbytes: int) -> np.ndarray:
         try:
             return np.zeros(int(nbytes), dtype=np.uint8)
@@ -94,7 +100,11 @@ class CpuBackend(Backend):
         return np.asarray(arr)
 
     def scatter_runs(self, arena, dest, src, lengths, payload, state=None) -> None:
-        _cpu.scatter_runs(arena, _i64(dest), _i64(src), _i64(lengths), payload)
+        if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
+            _cpu.scatter_runs_parallel(arena, _i64(dest), _i64(src), _i64(lengths), payload,
+                                       self.threads)
+        else:
+            _cpu.scatter_runs(arena, _i64(dest), _i64(src), _i64(lengths), payload)
 
     def merge_masked(self, arena, dest, src, lengths, mask_src, payload, masks) -> None:
         _cpu.merge_masked(arena, _i64(dest), _i64(src), _i64(lengths), _i64(mask_src), payload, masks)

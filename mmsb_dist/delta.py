@@ -138,6 +138,16 @@ class DeltaBatch:
     def check(self) -> None:
         """Structural validation (no page table needed): raises InvalidDeltaError naming the first
         delta at fault. Bounds against page sizes are checked by the arena."""
+        from mmsb_dist import _cpu
+
+        self.check_frame()
+        code, i = _cpu.shape_fault(self.offsets, self.data_starts, self.masked, self.mask_starts,
+                                   limits.page_bytes_max)
+        if code != _cpu.OK:
+            raise self.fault(code, i)
+
+    def check_frame(self) -> None:
+        """The O(1) part of validation: count and size limits, column shapes, buffer coverage."""
         n = len(self)
         if n == 0:
             raise InvalidDeltaError("empty batch: a batch needs at least one delta")
@@ -154,22 +164,29 @@ class DeltaBatch:
                 raise InvalidDeltaError(f"column {name} has shape {arr.shape}, expected ({size},)")
         self._check_starts(self.data_starts, self.payload.size, "payload")
         self._check_starts(self.mask_starts, self.masks.size, "mask")
-        lengths = self.lengths
-        bad = np.flatnonzero(lengths < 1)
-        if bad.size:
-            raise self._at(bad[0], "delta with no bytes")
-        bad = np.flatnonzero((self.offsets < 0) | (self.offsets >= limits.page_bytes_max))
-        if bad.size:
-            raise self._at(bad[0], f"offset outside [0, limits.page_bytes_max={limits.page_bytes_max})")
-        want = np.where(self.masked, (lengths + 7) // 8, 0)
-        bad = np.flatnonzero(np.diff(self.mask_starts) != want)
-        if bad.size:
-            i = bad[0]
-            raise self._at(i, f"mask of {int(self.mask_starts[i + 1] - self.mask_starts[i])} bytes, "
-                              f"expected {int(want[i])}")
+
+    def fault(self, code: int, i: int, page_bytes: int | None = None) -> Exception:
+        """The typed error for fault ``code`` (see _cpu) at delta ``i``."""
+        from mmsb_dist import _cpu
+        from mmsb_dist.errors import UnknownPageError
+
+        if code == _cpu.UNKNOWN_PAGE:
+            return UnknownPageError(f"delta {i}: no page with id {int(self.page_ids[i])}",
+                                    page=int(self.page_ids[i]), offset=int(self.offsets[i]),
+                                    length=int(self.data_starts[i + 1] - self.data_starts[i]))
+        n = int(self.data_starts[i + 1] - self.data_starts[i])
+        message = {
+            _cpu.NO_BYTES: "delta with no bytes",
+            _cpu.BAD_OFFSET: f"offset outside [0, limits.page_bytes_max={limits.page_bytes_max})",
+            _cpu.BAD_MASK: f"mask of {int(self.mask_starts[i + 1] - self.mask_starts[i])} bytes, "
+                           f"expected {(n + 7) // 8 if self.masked[i] else 0}",
+            _cpu.OUT_OF_BOUNDS: f"range beyond the page's {page_bytes} bytes",
+        }[code]
+        return self._at(i, message)
 
     def _check_starts(self, starts: np.ndarray, total: int, what: str) -> None:
-        if starts[0] != 0 or starts[-1] != total or np.any(np.diff(starts) < 0):
+        # Monotonic starts are checked per delta by _cpu.shape_fault (lengths >= 1, mask sizes).
+        if starts[0] != 0 or starts[-1] != total:
             raise InvalidDeltaError(f"{what} offsets do not cut the {total}-byte {what} buffer "
                                     "into consecutive ranges")
 
@@ -257,8 +274,10 @@ def diff(page_id: int, old, new, *, backend=None) -> DeltaBatch | None:
     if nz.size == 0:
         return None
     bits = np.unpackbits(mask[nz[0]:nz[-1] + 1], bitorder="little")
-    first = int(nz[0]) * 8 + int(np.argmax(bits))
-    last = int(nz[-1]) * 8 + int(bits.size - 1 - np.argmax(bits[::-1]))
-    span_mask = np.packbits(np.unpackbits(mask, bitorder="little")[first:last + 1], bitorder="little")
+    lo = int(np.argmax(bits))
+    hi = int(bits.size - np.argmax(bits[::-1]))  # one past the last set bit
+    first = int(nz[0]) * 8 + lo
+    last = int(nz[0]) * 8 + hi - 1
+    span_mask = np.packbits(bits[lo:hi], bitorder="little")
     payload = be.to_host(b[first:last + 1])
     return DeltaBatch.masked_deltas([page_id], [first], [span_mask], [payload])

@@ -1,0 +1,205 @@
+"""Checkpoint benchmark: write and restore bandwidth beside the raw disk, measured in the same run.
+
+    python benchmarks/bench_checkpoint.py [--quick] [--out bench-results/checkpoint.json] [--dir DIR]
+
+On one directory (one disk), repeated and interleaved so that drift in the disk hits both sides:
+  raw write    write the bytes of the snapshot to a file in 8 MiB writes, then fsync;
+  raw read     read that file back into a preallocated, already-touched buffer in 8 MiB reads;
+  checkpoint   write_checkpoint of an arena of 4 KiB pages of random non-zero bytes (1 GiB; 256 MiB
+               with --quick): Arrow IPC file, CRC32C as it streams, temp + fsync + rename, manifest;
+  restore      read_checkpoint with full verification (sizes, CRC32C, recomputed page hashes), with
+               CRC32C but no hash recomputation, and with no verification at all;
+  hash         the page-hash recomputation alone, on the snapshot in memory (what verify adds).
+Before every read the file's pages are dropped from the page cache (fsync, then
+posix_fadvise(DONTNEED)); where the kernel keeps them anyway the read figures are cache figures.
+Figures are medians over the repetitions; fractions are median / median of the raw figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from mmsb_dist import PageArena
+from mmsb_dist import checkpoint as ck
+
+CHUNK = 8 << 20
+PAGE = 4096
+TARGET = 0.70
+
+
+def _evict(path: str) -> None:
+    for root, _, files in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _raw_write(path: str, data: np.ndarray) -> float:
+    view = memoryview(data)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for i in range(0, data.size, CHUNK):
+            os.write(fd, view[i:i + CHUNK])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - t0
+
+
+def _raw_read(path: str, out: np.ndarray) -> float:
+    view = memoryview(out)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < out.size:
+            got = f.readinto(view[pos:pos + CHUNK])
+            if not got:
+                raise RuntimeError("short read")
+            pos += got
+    return time.perf_counter() - t0
+
+
+def _arena(nbytes: int, seed: int = 0) -> PageArena:
+    n = nbytes // PAGE
+    arena = PageArena("numpy", capacity_bytes=n * PAGE)
+    arena.create_pages(n, PAGE)
+    # Fresh pages are laid out back to back from offset 0; fill them all with non-zero bytes.
+    arena.buffer[: n * PAGE] = np.random.default_rng(seed).integers(1, 256, n * PAGE, np.uint8)
+    return arena
+
+
+def run(quick: bool, workdir: str) -> dict:
+    nbytes = (256 if quick else 1024) << 20
+    reps = 3
+    arena = _arena(nbytes)
+    t0 = time.perf_counter()
+    snap = arena.snapshot()
+    snapshot_s = time.perf_counter() - t0
+    state_hash = arena.state_hash()
+    del arena
+    raw_path = os.path.join(workdir, "raw.bin")
+    readback = np.ones(snap.data.size, np.uint8)  # touched, so the raw read pays no page faults
+    root = os.path.join(workdir, "ckpt")
+    times: dict[str, list[float]] = {k: [] for k in (
+        "raw_write", "raw_read", "ckpt_write", "restore_full", "restore_crc", "restore_none",
+        "hash_only")}
+    stored = 0
+    # Warm-up: first touches of page-cache memory and numba compilation are not the disk.
+    _raw_write(raw_path, snap.data)
+    info = ck.write_checkpoint(snap, root, shard=0, epoch=0, lsn=1, state_hash=state_hash)
+    ck.read_checkpoint(info)
+    ck.delete_checkpoint(info)
+    for rep in range(1, reps + 1):
+        times["raw_write"].append(_raw_write(raw_path, snap.data))
+        _evict(raw_path)
+        times["raw_read"].append(_raw_read(raw_path, readback))
+        os.unlink(raw_path)
+
+        t0 = time.perf_counter()
+        info = ck.write_checkpoint(snap, root, shard=0, epoch=rep, lsn=rep, state_hash=state_hash)
+        times["ckpt_write"].append(time.perf_counter() - t0)
+        stored = info.stored_bytes
+        for key, kwargs in (("restore_full", {}), ("restore_crc", {"verify_hashes": False}),
+                            ("restore_none", {"verify": False})):
+            _evict(info.path)
+            t0 = time.perf_counter()
+            back, _ = ck.read_checkpoint(info, **kwargs)
+            times[key].append(time.perf_counter() - t0)
+            assert back.state_hash() == state_hash
+            del back
+        t0 = time.perf_counter()
+        ck._page_hashes(snap.data, snap.starts, snap.sizes)
+        times["hash_only"].append(time.perf_counter() - t0)
+        ck.delete_checkpoint(info)
+
+    # Compression, once each: random bytes do not compress, so this shows the codec's cost.
+    codecs = {}
+    for codec in ("lz4", "zstd"):
+        t0 = time.perf_counter()
+        info = ck.write_checkpoint(snap, root, shard=0, epoch=100, lsn=1, state_hash=state_hash,
+                                   compression=codec)
+        w = time.perf_counter() - t0
+        _evict(info.path)
+        t0 = time.perf_counter()
+        ck.read_checkpoint(info)
+        r = time.perf_counter() - t0
+        codecs[codec] = {"write_GBps": nbytes / w / 1e9, "restore_full_GBps": nbytes / r / 1e9,
+                         "stored_bytes": info.stored_bytes}
+        ck.delete_checkpoint(info)
+
+    med = {k: statistics.median(v) for k, v in times.items() if v}
+    gbps = {k: nbytes / v / 1e9 for k, v in med.items()}
+    rows = [
+        ("raw sequential write + fsync", "raw_write", "raw_write"),
+        ("checkpoint write (CRC32C, fsync, rename, manifest)", "ckpt_write", "raw_write"),
+        ("raw sequential read", "raw_read", "raw_read"),
+        ("restore, full verify (CRC32C + page hashes)", "restore_full", "raw_read"),
+        ("restore, CRC32C only", "restore_crc", "raw_read"),
+        ("restore, no verification", "restore_none", "raw_read"),
+        ("page-hash recompute alone (in memory)", "hash_only", "raw_read"),
+    ]
+    table = [{"what": label, "key": key, "seconds": med[key], "GBps": gbps[key],
+              "fraction_of_raw": med[base] / med[key], "baseline": base,
+              "all_seconds": times[key]} for label, key, base in rows]
+    write_frac = med["raw_write"] / med["ckpt_write"]
+    restore_frac = med["raw_read"] / med["restore_full"]
+    return {
+        "benchmark": "checkpoint", "quick": quick, "bytes": nbytes, "page_bytes": PAGE,
+        "stored_bytes": stored, "repetitions": reps, "snapshot_copy_seconds": snapshot_s,
+        "python": sys.version.split()[0], "platform": platform.platform(),
+        "cpus": os.cpu_count(), "workdir": workdir, "rows": table, "compression": codecs,
+        "targets": {"write_fraction": write_frac, "restore_fraction": restore_frac,
+                    "target_fraction": TARGET,
+                    "write_ok": write_frac >= TARGET, "restore_ok": restore_frac >= TARGET},
+    }
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="256 MiB instead of 1 GiB (< 60 s)")
+    p.add_argument("--out", default="bench-results/checkpoint.json")
+    p.add_argument("--dir", default=".", help="where to write (the disk under test)")
+    args = p.parse_args(argv)
+    workdir = tempfile.mkdtemp(prefix=".bench-checkpoint-", dir=args.dir)
+    try:
+        res = run(args.quick, os.path.abspath(workdir))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    print(f"checkpoint benchmark: {res['bytes'] >> 20} MiB of {PAGE} B pages "
+          f"({res['stored_bytes'] >> 20} MiB on disk), median of {res['repetitions']}, "
+          f"snapshot copy {res['snapshot_copy_seconds']:.2f} s")
+    print(f"{'':52} {'s':>7} {'GB/s':>7} {'of raw':>7}")
+    for r in res["rows"]:
+        print(f"{r['what']:52} {r['seconds']:7.3f} {r['GBps']:7.3f} {r['fraction_of_raw']:7.0%}")
+    for codec, c in res["compression"].items():
+        print(f"{codec} (random bytes, once): write {c['write_GBps']:.3f} GB/s, "
+              f"restore {c['restore_full_GBps']:.3f} GB/s, {c['stored_bytes'] >> 20} MiB stored")
+    t = res["targets"]
+    print(f"target >= {t['target_fraction']:.0%} of raw: write {t['write_fraction']:.0%} "
+          f"({'ok' if t['write_ok'] else 'MISSED'}), restore with full verify "
+          f"{t['restore_fraction']:.0%} ({'ok' if t['restore_ok'] else 'MISSED'})")
+    print("read figures: pages were dropped with posix_fadvise(DONTNEED) after fsync; a kernel or "
+          "hypervisor cache may still serve some of them")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

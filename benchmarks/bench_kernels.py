@@ -1,0 +1,231 @@
+"""Kernel benchmark: every figure beside a baseline measured in the same run.
+
+    python benchmarks/bench_kernels.py [--quick] [--out bench-results/kernels.json]
+
+CPU (always): batched apply of 64-byte runs through PageArena.apply (validation, page lookup and
+the kernel included) vs NumPy fancy-index scatter of the same deltas (index prebuilt, not timed);
+batched creation of 1M pages vs a Python-dict page table.
+GPU (when CuPy sees a device): plain device-to-device copy bandwidth; bitmask merge and 64-byte run
+scatter as effective bandwidth and as a fraction of that copy; run scatter vs CuPy fancy indexing.
+All data is random and non-zero; medians of repeated runs after warm-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+from mmsb_dist import DeltaBatch, PageArena
+from mmsb_dist.backend import get_backend, gpu_available
+
+
+def _median_time(fn, repeat: int, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _runs_workload(rng, pages: int, page_bytes: int, n: int, run_bytes: int = 64):
+    page_ids = rng.integers(0, pages, n).astype(np.uint64)
+    offsets = rng.integers(0, page_bytes - run_bytes + 1, n)
+    payload = rng.integers(1, 256, (n, run_bytes), dtype=np.uint8)
+    return page_ids, offsets, payload
+
+
+def bench_cpu(quick: bool) -> dict:
+    rng = np.random.default_rng(1)
+    pages, page_bytes = 65536, 4096
+    n = 250_000 if quick else 1_000_000
+    arena = PageArena("numpy", capacity_bytes=pages * page_bytes)
+    arena.create_pages(pages, page_bytes)
+    page_ids, offsets, payload = _runs_workload(rng, pages, page_bytes, n)
+    batch = DeltaBatch.runs(page_ids, offsets, payload)
+    t_apply = _median_time(lambda: arena.apply(batch), repeat=3 if quick else 5)
+    # Baseline: the same deltas as one NumPy fancy-index assignment over absolute byte positions.
+    flat = np.zeros(pages * page_bytes, np.uint8)
+    pos = page_ids.astype(np.int64) * page_bytes + offsets
+    t0 = time.perf_counter()
+    idx = (pos[:, None] + np.arange(64)).reshape(-1)
+    t_index = time.perf_counter() - t0
+    values = payload.reshape(-1)
+
+    def fancy():
+        flat[idx] = values
+
+    t_fancy = _median_time(fancy, repeat=3 if quick else 5)
+    # Equal bytes: apply the batch to a fresh arena and compare with the fancy-index result.
+    check = PageArena("numpy", capacity_bytes=pages * page_bytes)
+    check.create_pages(pages, page_bytes)
+    check.apply(batch)
+    touched = np.unique(page_ids)[:64]
+    for p in touched:
+        assert check.read(int(p)).tobytes() == flat[int(p) * page_bytes:(int(p) + 1) * page_bytes].tobytes()
+
+    npages = 250_000 if quick else 1_000_000
+    fresh = PageArena("numpy")
+    t_create = _timed(lambda: fresh.create_pages(npages, 4096))
+    t_dict = _timed(lambda: _dict_table(npages, 4096))
+    return {
+        "runs_64B": {"deltas": n, "apply_s": t_apply, "apply_deltas_per_s": n / t_apply,
+                     "fancy_s": t_fancy, "fancy_deltas_per_s": n / t_fancy,
+                     "fancy_index_build_s": t_index, "ratio_vs_fancy": t_fancy / t_apply},
+        "create_pages": {"pages": npages, "page_bytes": 4096, "create_s": t_create,
+                         "us_per_page": t_create / npages * 1e6, "dict_table_s": t_dict,
+                         "ratio_vs_dict": t_dict / t_create},
+    }
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _dict_table(n: int, size: int) -> dict:
+    """A naive page table: one dict entry per page, offsets from a running counter."""
+    table, top = {}, 0
+    for pid in range(n):
+        table[pid] = (top, size, 0)
+        top += size
+    return table
+
+
+def bench_gpu(quick: bool) -> dict:
+    import cupy as cp
+
+    from mmsb_dist import _gpu
+
+    be = get_backend("cupy")
+    rng = cp.random.default_rng(2)
+    nbytes = (256 << 20) if quick else (1 << 30)
+
+    def timed(fn, repeat=20):
+        for _ in range(3):
+            fn()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        times = []
+        for _ in range(repeat):
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+        return statistics.median(times)
+
+    src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    t_copy = timed(lambda: cp.copyto(dst, src))
+    copy_bw = 2 * nbytes / t_copy
+
+    # Bitmask merge: page-sized masked deltas (64 KiB pages), half the bits set at random.
+    page = 64 << 10
+    npg = nbytes // page
+    arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    payload = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    masks = rng.integers(0, 256, nbytes // 8, dtype=cp.uint8)
+    offs = np.arange(npg, dtype=np.int64) * page
+    lens = np.full(npg, page, np.int64)
+    moffs = offs // 8
+    t_merge = timed(lambda: be.merge_masked(arena, offs, offs, lens, moffs, payload, masks))
+    merge_bytes = nbytes * 3 + nbytes // 8  # payload read, arena read, arena write, mask read
+
+    # Run scatter: 64-byte runs at random 64-byte slots (with repeats, as hot keys have).
+    n = nbytes // 256
+    slots = cp.asarray(np.random.default_rng(3).integers(0, nbytes // 64, n)).astype(cp.int64)
+    dd = slots * 64
+    sd = cp.arange(n, dtype=cp.int64) * 64
+    ld = cp.full(n, 64, cp.int64)
+    pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
+    state = be.scatter_state(nbytes)
+    t_scatter = timed(lambda: be.scatter_device(arena, dd, sd, ld, pay, state, maxlen=64,
+                                                fixup_bound=2 * n))
+    scatter_bytes = 2 * n * 64  # payload read + arena write
+    rows = arena.reshape(-1, 64)
+    pay_rows = pay.reshape(-1, 64)
+    t_fancy_rows = timed(lambda: rows.__setitem__(slots, pay_rows))
+    nb = min(n, 1 << 20)
+    byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
+    t_fancy_bytes = timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
+    # Correctness of what was timed: one more scatter from a known state against the reference.
+    check = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    want = check.copy()
+    want.reshape(-1, 64)[slots[::-1][cp.unique(slots[::-1], return_index=True)[1]]] = \
+        pay_rows[::-1][cp.unique(slots[::-1], return_index=True)[1]]
+    be.scatter_device(check, dd, sd, ld, pay, be.scatter_state(nbytes), maxlen=64,
+                      fixup_bound=2 * n)
+    assert bool((check == want).all()), "scatter result differs from last-writer-wins"
+    return {
+        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+        "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
+        "bitmask_merge": {"bytes_moved": merge_bytes, "s": t_merge,
+                          "GBps": merge_bytes / t_merge / 1e9,
+                          "fraction_of_copy": merge_bytes / t_merge / copy_bw},
+        "run_scatter_64B": {"runs": n, "s": t_scatter, "deltas_per_s": n / t_scatter,
+                            "GBps": scatter_bytes / t_scatter / 1e9,
+                            "fraction_of_copy": scatter_bytes / t_scatter / copy_bw,
+                            "fixup_batches": state.fixups},
+        "cupy_fancy_rows": {"s": t_fancy_rows, "deltas_per_s": n / t_fancy_rows,
+                            "ratio_scatter_vs_fancy": t_fancy_rows / t_scatter},
+        "cupy_fancy_bytes": {"runs": nb, "s": t_fancy_bytes, "deltas_per_s": nb / t_fancy_bytes},
+    }
+
+
+def _table(res: dict) -> str:
+    lines = [f"{'measure':44s} {'value':>16s} {'baseline (same run)':>24s} {'ratio':>8s}"]
+    cpu = res["cpu"]
+    r = cpu["runs_64B"]
+    lines.append(f"{'CPU apply 64B runs (deltas/s)':44s} {r['apply_deltas_per_s']:16.3e} "
+                 f"{r['fancy_deltas_per_s']:16.3e} fancy {r['ratio_vs_fancy']:8.2f}x")
+    c = cpu["create_pages"]
+    lines.append(f"{'CPU create 1 batch of pages (us/page)':44s} {c['us_per_page']:16.3f} "
+                 f"{c['dict_table_s'] / c['pages'] * 1e6:17.3f} dict {c['ratio_vs_dict']:8.2f}x")
+    g = res.get("gpu")
+    if g:
+        lines.append(f"{'GPU device copy (GB/s, read+write)':44s} {g['copy']['GBps']:16.1f}")
+        m = g["bitmask_merge"]
+        lines.append(f"{'GPU bitmask merge (GB/s moved)':44s} {m['GBps']:16.1f} "
+                     f"{g['copy']['GBps']:17.1f} copy {m['fraction_of_copy']:8.2%}")
+        s = g["run_scatter_64B"]
+        lines.append(f"{'GPU 64B run scatter (GB/s payload r+w)':44s} {s['GBps']:16.1f} "
+                     f"{g['copy']['GBps']:17.1f} copy {s['fraction_of_copy']:8.2%}")
+        f = g["cupy_fancy_rows"]
+        lines.append(f"{'GPU 64B run scatter (deltas/s)':44s} {s['deltas_per_s']:16.3e} "
+                     f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
+        b = g["cupy_fancy_bytes"]
+        lines.append(f"{'GPU cupy per-byte fancy index (deltas/s)':44s} {b['deltas_per_s']:16.3e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller sizes (< 1 minute)")
+    ap.add_argument("--out", default="bench-results/kernels.json")
+    ap.add_argument("--no-gpu", action="store_true")
+    args = ap.parse_args(argv)
+    res = {"machine": {"python": sys.version.split()[0], "platform": platform.platform(),
+                       "cpus": os.cpu_count()},
+           "quick": args.quick, "cpu": bench_cpu(args.quick)}
+    if gpu_available() and not args.no_gpu:
+        res["gpu"] = bench_gpu(args.quick)
+    print(_table(res))
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as fh:
+        json.dump(res, fh, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
