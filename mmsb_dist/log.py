@@ -1,10 +1,10 @@
 """The ordered log: one durable, append-only partition of frames per shard.
 
-A partition is a directory of segment files ``seg-{first_lsn:020d}.log`` holding frames back to back.
-A frame is a 40-byte little-endian header (magic, format version, flags, payload length, LSN count,
-first LSN, epoch, reserved, CRC32C) followed by an opaque payload (in practice one Arrow IPC delta
-batch). The CRC covers the payload and every other header byte. docs/log.md has the byte-level
-format, the recovery rules and exactly what each fsync policy guarantees.
+A partition is a directory of segment files ``seg-{first_lsn:020d}.log`` holding frames back to
+back. A frame is a 40-byte little-endian header (magic, format version, flags, payload length, LSN
+count, first LSN, epoch, reserved, CRC32C) followed by an opaque payload (in practice one Arrow IPC
+delta batch). The CRC covers the payload and every other header byte. docs/log.md has the
+byte-level format, the recovery rules and exactly what each fsync policy guarantees.
 
 The contract with the shard that owns the partition, in order:
 
@@ -282,7 +282,8 @@ def _check_torn_tail(mm, view, pos: int, bad: _BadFrame, path: str, is_last: boo
                               path=path, position=pos)
 
 
-def _scan_segment(path: str, first_lsn: int, is_last: bool) -> tuple[_Segment, RecoveryReport | None]:
+def _scan_segment(path: str, first_lsn: int,
+                  is_last: bool) -> tuple[_Segment, RecoveryReport | None]:
     """Verify and index one segment; truncate a torn tail (last segment only)."""
     seg = _Segment(path, first_lsn)
     with open(path, "rb") as f:
@@ -401,8 +402,9 @@ class LogPartition:
                             self.path, report.bytes_dropped, report.position, report.segment,
                             report.reason)
         if start_lsn is not None and not segments[0].first_lsn <= start_lsn <= segments[-1].end_lsn:
-            raise LogError(f"start_lsn={start_lsn} is outside the LSNs of the existing log "
-                           f"{self.path} [{segments[0].first_lsn}, {segments[-1].end_lsn})")
+            raise LogError(f"start_lsn={start_lsn} is outside [first_lsn, next_lsn] = "
+                           f"[{segments[0].first_lsn}, {segments[-1].end_lsn}] of the existing log "
+                           f"{self.path}: it does not continue from there")
         self._segments = segments
         return report
 
@@ -652,8 +654,9 @@ class LogPartition:
                 if self._failure is None and self.fsync_policy != "none":
                     self._sync_or_fail()
             finally:
-                os.close(self._fd)
-                os.close(self._dir_fd)   # drops the directory lock
+                if self._fd is not None:    # None after a roll that failed midway
+                    os.close(self._fd)
+                os.close(self._dir_fd)      # drops the directory lock
 
     def __enter__(self) -> "LogPartition":
         return self
@@ -664,14 +667,17 @@ class LogPartition:
     # ---- reading ---------------------------------------------------------------------------------
 
     def read(self, from_lsn: int = 0, to_lsn: int | None = None) -> Iterator[Frame]:
-        """Frames overlapping ``[from_lsn, to_lsn)`` in LSN order, each CRC-verified (CorruptionError
-        naming the segment and offset otherwise). Sees the frames appended before the call."""
+        """Frames overlapping ``[from_lsn, to_lsn)`` in LSN order, each CRC-verified
+        (CorruptionError naming the segment and offset otherwise). Sees the frames whose append
+        returned before the call."""
         with self._cond:
             if self._closed:
                 raise LogClosedError(f"log partition {self.path} is closed")
             snap = [(seg, len(seg.lsns), seg.size) for seg in self._segments
                     if seg.lsns and seg.end_lsn > from_lsn
                     and (to_lsn is None or seg.first_lsn < to_lsn)]
+            if to_lsn is not None and to_lsn <= from_lsn:
+                snap = []       # an empty range overlaps no frame
         return self._read_frames(snap, from_lsn, to_lsn)
 
     def _read_frames(self, snap: list, from_lsn: int, to_lsn: int | None) -> Iterator[Frame]:
@@ -680,8 +686,8 @@ class LogPartition:
             try:
                 fd = os.open(seg.path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                raise LogError(f"segment {seg.path} was dropped by drop_before() while being read") \
-                    from None
+                raise LogError(f"segment {seg.path} was dropped by drop_before() while being "
+                               "read") from None
             try:
                 for i in range(start, count):
                     if to_lsn is not None and seg.lsns[i] >= to_lsn:
