@@ -74,8 +74,9 @@ checkpoint_io_chunk_bytes = 8 << 20
 # A manifest names a handful of files; anything larger is not one of ours (refused before parsing).
 manifest_bytes_max = 1 << 20
 
-# Threads recomputing page hashes on restore (the numba kernel releases the GIL). More than the
-# cores only adds switching; 4 is where a restore stops being hash-bound on common hosts.
+# Threads recomputing page hashes where they are not fused with the read (compressed files, object
+# stores). The CPU kernel hashes ~5 GB/s per core and releases the GIL, so a few threads outrun any
+# disk or network; more than the cores only adds switching.
 restore_hash_threads_max = 4
 
 _SCHEMA_META = {b"mmsb.kind": b"checkpoint", b"mmsb.version": str(CHECKPOINT_FORMAT_VERSION).encode()}
@@ -93,6 +94,9 @@ CHECKPOINT_SCHEMA = pa.schema([
 _COMPRESSIONS = (None, "lz4", "zstd")
 _U64 = 1 << 64
 _DIR_RE = re.compile(r"^shard-(\d{4,})/epoch-(\d{20})(?:/(.*))?$")
+# A stored page hash that differs from the recomputed one in at most this many bits is taken to be
+# the damaged part (damage in the page's bytes flips ~32 of 64 bits; <= 8 with p ~ 2^-32).
+_HASH_DAMAGE_BITS_MAX = 8
 _HEX8 = re.compile(rb"[0-9a-f]{8}")
 _HEX16 = re.compile(r"[0-9a-f]{16}")
 
@@ -436,11 +440,22 @@ def _existing(fs, dir_path: str) -> CheckpointInfo | None:
 # ---- reading -----------------------------------------------------------------------------------
 
 
-def _read_whole(fs, path: str, entry: CheckpointFile, verify: bool) -> np.ndarray:
-    """The file's bytes, checked against the manifest's size (always) and CRC32C (``verify``).
+@dataclass(frozen=True)
+class _Layout:
+    """Byte positions in the pages file of the page bytes and of the hash column (None: the file
+    is compressed, so they have no position in it)."""
 
-    A local file is memory-mapped rather than read: the bytes come straight from the page cache,
-    and the snapshot's arrays are views of the mapping (it stays alive as long as they do)."""
+    data_at: int | None
+    hashes_at: int | None
+
+
+def _fetch(fs, path: str, entry: CheckpointFile, verify: bool) -> tuple[np.ndarray, int | None]:
+    """(the file's bytes, their CRC32C or None when not yet computed), after checking the size.
+
+    A local file is memory-mapped rather than read: its bytes come straight from the page cache,
+    no copy is made, and the snapshot's arrays are views of the mapping (alive as long as they
+    are). Its CRC32C is left to _crc_and_hashes, which fuses it with the page hashes. Other
+    filesystems are read sequentially, the CRC32C updated as each chunk lands."""
     st = fs.get_file_info(path)
     if st.type != pafs.FileType.File:
         raise CorruptionError("checkpoint file is missing", path=path, position=0)
@@ -449,29 +464,17 @@ def _read_whole(fs, path: str, entry: CheckpointFile, verify: bool) -> np.ndarra
                               f"{' (truncated)' if st.size < entry.bytes else ''}",
                               path=path, position=min(st.size, entry.bytes))
     os_path = _os_path(fs, path)
-    if os_path is not None and entry.bytes:
-        with pa.memory_map(os_path, "r") as mapped:  # its buffers outlive the file object
-            buf = np.frombuffer(mapped.read_buffer(), np.uint8)
-        if buf.size != entry.bytes:  # changed since the stat above
-            raise CorruptionError(f"file has {buf.size} bytes, the manifest says {entry.bytes}",
-                                  path=path, position=min(buf.size, entry.bytes))
-        crc = _crc(buf) if verify else entry.crc32c
-    else:
-        buf, crc = _read_stream(fs, path, entry.bytes, verify)
-    if verify and crc != entry.crc32c:
-        raise _crc_mismatch(buf, path, crc, entry.crc32c)
-    return buf
+    if os_path is None or not entry.bytes:
+        return _read_stream(fs, path, entry.bytes, verify)
+    with pa.memory_map(os_path, "r") as mapped:  # its buffers outlive the file object
+        buf = np.frombuffer(mapped.read_buffer(), np.uint8)
+    if buf.size != entry.bytes:  # changed since the stat above
+        raise CorruptionError(f"file has {buf.size} bytes, the manifest says {entry.bytes}",
+                              path=path, position=min(buf.size, entry.bytes))
+    return buf, None
 
 
-def _crc(buf: np.ndarray) -> int:
-    view, crc = memoryview(buf), 0
-    for i in range(0, buf.size, checkpoint_io_chunk_bytes):
-        crc = crc32c.crc32c(view[i:i + checkpoint_io_chunk_bytes], crc)
-    return crc
-
-
-def _read_stream(fs, path: str, nbytes: int, verify: bool) -> tuple[np.ndarray, int]:
-    """(bytes, CRC32C) of a file read sequentially, the checksum updated as each chunk lands."""
+def _read_stream(fs, path: str, nbytes: int, verify: bool) -> tuple[np.ndarray, int | None]:
     buf = np.empty(nbytes, np.uint8)
     view = memoryview(buf)
     crc, pos = 0, 0
@@ -487,30 +490,95 @@ def _read_stream(fs, path: str, nbytes: int, verify: bool) -> tuple[np.ndarray, 
         if f.read(1):
             raise CorruptionError(f"file is longer than the {nbytes} bytes the manifest says",
                                   path=path, position=nbytes)
-    return buf, crc
+    return buf, (crc if verify else None)
 
 
-def _crc_mismatch(buf: np.ndarray, path: str, actual: int, stored: int) -> CorruptionError:
-    """The error for a data file failing its CRC32C, naming the damaged page and its byte position
-    when the file still parses and a page's recomputed hash differs from its stored one."""
-    message = f"file has CRC32C {actual:08x}, the manifest says {stored:08x}"
-    try:
-        snap, data_at = _parse_pages(buf, path, None)
-        bad = np.flatnonzero(_page_hashes(snap.data, snap.starts, snap.sizes) != snap.hashes)
-    except (MmsbError, pa.ArrowException, ValueError):
-        bad = ()
-    if len(bad):
-        i = int(bad[0])
-        position = None if data_at is None else data_at + int(snap.starts[i])
-        return CorruptionError(message + f"; page {int(snap.page_ids[i])} differs from its hash",
-                               path=path, position=position, page=int(snap.page_ids[i]))
-    return CorruptionError(message, path=path)
+def _crc_and_hashes(buf: np.ndarray, snap: ArenaSnapshot | None, layout: _Layout | None,
+                    hashes: bool) -> tuple[int, np.ndarray | None]:
+    """CRC32C of the whole file and, when asked and the page bytes lie in the file uncompressed,
+    the recomputed page hashes, in one pass: this thread checksums chunk after chunk (faulting the
+    mapping in), a second one hashes each chunk's pages right behind it while they are in cache.
+    Both kernels release the GIL; two passes over a cold mapping cost half as much again."""
+    view = memoryview(buf)
+    data_at = None if layout is None else layout.data_at
+    if snap is None or data_at is None or not hashes or snap.page_ids.size == 0:
+        crc = 0
+        for i in range(0, buf.size, checkpoint_io_chunk_bytes):
+            crc = crc32c.crc32c(view[i:i + checkpoint_io_chunk_bytes], crc)
+        return crc, None
+    starts, sizes, n = snap.starts, snap.sizes, snap.page_ids.size
+    out = np.empty(n, np.uint64)
+    cuts = np.append(np.searchsorted(starts, np.arange(0, starts[-1], checkpoint_io_chunk_bytes)), n)
+    cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]  # a page larger than a chunk: one group
+    crc = crc32c.crc32c(view[:data_at])
+    with ThreadPoolExecutor(1, thread_name_prefix="mmsb-restore-hash") as pool:
+        pending = []
+        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+            crc = crc32c.crc32c(view[data_at + int(starts[a]):data_at + int(starts[b])], crc)
+            pending.append(pool.submit(_hash_pages, snap.data, starts, sizes, a, b, out))
+        crc = crc32c.crc32c(view[data_at + int(starts[-1]):], crc)
+        for f in pending:
+            f.result()
+    return crc, out
+
+
+def _hash_pages(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray, a: int, b: int,
+                out: np.ndarray) -> None:
+    """``out[a:b]`` = hashes of pages a..b-1, on the CPU backend (the definition of a page hash).
+
+    The CPU kernel takes its word-at-a-time path only for a buffer a whole number of words long,
+    so pages ending within the last whole word go through a view of that length."""
+    be = get_backend("numpy")
+    whole = data.size // 8 * 8
+    head = min(b, int(np.searchsorted(starts[1:], whole, side="right")))
+    if a < head:
+        out[a:head] = be.page_hash(data[:whole], starts[a:head], sizes[a:head])
+    if max(a, head) < b:
+        lo = max(a, head)
+        out[lo:b] = be.page_hash(data, starts[lo:b], sizes[lo:b])
+
+
+def _page_hashes(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """All page hashes, over a few threads (the kernel releases the GIL)."""
+    n = sizes.size
+    out = np.empty(n, np.uint64)
+    threads = max(1, min(restore_hash_threads_max, os.cpu_count() or 1))
+    targets = np.linspace(0, int(starts[-1]), threads + 1)[1:-1]
+    cuts = sorted({0, n, *np.searchsorted(starts[:n + 1], targets).tolist()})
+    parts = list(zip(cuts[:-1], cuts[1:]))
+    if len(parts) > 1:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            list(pool.map(lambda ab: _hash_pages(data, starts, sizes, *ab, out), parts))
+    elif parts:
+        _hash_pages(data, starts, sizes, *parts[0], out)
+    return out
+
+
+def _first_bad_page(snap: ArenaSnapshot, hashes: np.ndarray, layout: _Layout, path: str,
+                    message: str) -> CorruptionError | None:
+    """The error naming the first page whose recomputed hash differs from its stored one.
+
+    Which of the two is damaged: a changed byte changes a page's hash in about half its 64 bits,
+    so a stored hash a few bits off its page's hash is itself the damaged part."""
+    bad = np.flatnonzero(hashes != snap.hashes)
+    if not bad.size:
+        return None
+    i = int(bad[0])
+    page = int(snap.page_ids[i])
+    if int(hashes[i] ^ snap.hashes[i]).bit_count() <= _HASH_DAMAGE_BITS_MAX:
+        at = None if layout.hashes_at is None else layout.hashes_at + 8 * i
+        what = f"page {page}'s stored hash is damaged"
+    else:
+        at = None if layout.data_at is None else layout.data_at + int(snap.starts[i])
+        what = f"page {page}'s bytes do not match its stored hash"
+    return CorruptionError(f"{message}; {what} ({bad.size} pages differ)", path=path,
+                           position=at, page=page)
 
 
 def _parse_pages(buf: np.ndarray, path: str, info: CheckpointInfo | None
-                 ) -> tuple[ArenaSnapshot, int | None]:
-    """(snapshot with the *stored* hashes, byte position of the page bytes in the file or None when
-    compressed). Every array is a zero-copy view of ``buf`` where the file is uncompressed."""
+                 ) -> tuple[ArenaSnapshot, _Layout]:
+    """(snapshot with the *stored* hashes, where its parts lie in the file). Every array is a
+    zero-copy view of ``buf`` where the file is uncompressed."""
     try:
         return _parse_batch(buf, path, info)
     except MmsbError:
@@ -546,42 +614,22 @@ def _parse_batch(buf, path, info):
         raise CorruptionError("page sizes disagree with the page bytes' offsets", path=path)
     if n and (sizes.min() < 1 or int(dtypes.max()) >= len(DTYPES)):
         raise CorruptionError("a page of size < 1 or an unknown dtype code", path=path)
-    if np.unique(page_ids).size != n:
-        raise CorruptionError("a page id appears twice", path=path)
-    base = buf.ctypes.data
-    data_at = (data_buf.address - base
-               if total and base <= data_buf.address <= base + buf.size - total else None)
+    if n > 1:
+        ordered = np.sort(page_ids)
+        if np.any(ordered[1:] == ordered[:-1]):
+            raise CorruptionError("a page id appears twice", path=path)
     next_id = info.next_id if info is not None else 0
-    return ArenaSnapshot(page_ids, sizes, versions, dtypes, hashes, data, next_id), data_at
+    snap = ArenaSnapshot(page_ids, sizes, versions, dtypes, hashes, data, next_id)
+    return snap, _Layout(_position(buf, data_buf, total), _position(buf, rb.column(4).buffers()[1],
+                                                                     8 * n))
 
 
-def _page_hashes(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Page hashes recomputed on the CPU backend (the definition), over a few threads.
-
-    The CPU kernel takes its word-at-a-time path only for a buffer a whole number of words long, so
-    the pages that end within the last whole word go through a view of that length."""
-    be = get_backend("numpy")
-    n = sizes.size
-    out = np.empty(n, np.uint64)
-    whole = data.size // 8 * 8
-    head = int(np.searchsorted(starts[1:], whole, side="right"))  # pages [0, head) end <= whole
-    words = data[:whole]
-    threads = max(1, min(restore_hash_threads_max, os.cpu_count() or 1))
-    targets = np.linspace(0, int(starts[head]), threads + 1)[1:-1]
-    cuts = sorted({0, head, *np.searchsorted(starts[:head + 1], targets).tolist()})
-    parts = list(zip(cuts[:-1], cuts[1:]))
-
-    def part(a, b):
-        out[a:b] = be.page_hash(words, starts[a:b], sizes[a:b])
-
-    if len(parts) > 1:
-        with ThreadPoolExecutor(len(parts)) as pool:
-            list(pool.map(lambda ab: part(*ab), parts))
-    elif parts:
-        part(*parts[0])
-    if head < n:
-        out[head:] = be.page_hash(data, starts[head:n], sizes[head:])
-    return out
+def _position(buf: np.ndarray, part, nbytes: int) -> int | None:
+    """Where ``part`` (an Arrow buffer) lies in ``buf``; None when elsewhere (decompressed)."""
+    if part is None or not nbytes:
+        return None
+    at = part.address - buf.ctypes.data
+    return at if 0 <= at <= buf.size - nbytes else None
 
 
 def read_checkpoint(source, *, shard: int | None = None, epoch: int | None = None,
@@ -594,45 +642,52 @@ def read_checkpoint(source, *, shard: int | None = None, epoch: int | None = Non
     the stored page hashes combine to the manifest's state hash. ``verify``: each file's CRC32C.
     ``verify_hashes`` (default: ``verify``): recompute every page's hash from its bytes and compare.
     Any mismatch raises CorruptionError naming the file (and the position and page where known).
+    The snapshot's arrays are read-only views of the loaded file.
     """
-    if isinstance(source, CheckpointInfo):
-        fs = filesystem or source.filesystem
-        if fs is None:
-            raise ValueError("this CheckpointInfo carries no filesystem; pass filesystem=")
-        dir_path = source.path
-    else:
-        fs, dir_path = _resolve(source, filesystem)
-        if (shard is None) != (epoch is None):
-            raise ValueError("give both shard and epoch, or neither")
-        if shard is not None:
-            dir_path = checkpoint_dir(dir_path, int(shard), int(epoch))
-    try:
-        info = _load_info(fs, dir_path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no complete checkpoint in {dir_path} "
-                                f"(no {MANIFEST_FILE})") from None
+    fs, dir_path = _checkpoint_location(source, shard, epoch, filesystem)
+    if fs.get_file_info(_join(dir_path, MANIFEST_FILE)).type != pafs.FileType.File:
+        raise FileNotFoundError(f"no complete checkpoint in {dir_path} (no {MANIFEST_FILE})")
+    info = _load_info(fs, dir_path)
     if isinstance(source, CheckpointInfo) and source != info:
         raise CorruptionError("manifest changed since it was listed",
                               path=_join(dir_path, MANIFEST_FILE))
     verify_hashes = verify if verify_hashes is None else verify_hashes
     entry = next(f for f in info.files if f.name == DATA_FILE)
     path = _join(dir_path, DATA_FILE)
-    buf = _read_whole(fs, path, entry, verify)
-    snap, data_at = _parse_pages(buf, path, info)
+
+    buf, crc = _fetch(fs, path, entry, verify)
+    try:
+        snap, layout = _parse_pages(buf, path, info)
+        parse_error = None
+    except CorruptionError as exc:
+        if not verify:
+            raise
+        snap, layout, parse_error = None, None, exc  # the CRC32C decides which error to give
+    hashes = None
+    if verify and crc is None:
+        crc, hashes = _crc_and_hashes(buf, snap, layout, verify_hashes)
+    if verify and crc != entry.crc32c:
+        message = f"file has CRC32C {crc:08x}, the manifest says {entry.crc32c:08x}"
+        located = None
+        if snap is not None:  # name the damaged page where the file still parses
+            if hashes is None:
+                hashes = _page_hashes(snap.data, snap.starts, snap.sizes)
+            located = _first_bad_page(snap, hashes, layout, path, message)
+        raise located or CorruptionError(message, path=path)
+    if parse_error is not None:
+        raise parse_error
     if (snap.page_ids.size, snap.data.size) != (info.page_count, info.page_bytes):
         raise CorruptionError(f"pages file holds {snap.page_ids.size} pages of {snap.data.size} "
                               f"bytes, the manifest says {info.page_count} of {info.page_bytes}",
                               path=path)
-    hashes = snap.hashes
     if verify_hashes:
-        hashes = _page_hashes(snap.data, snap.starts, snap.sizes)
-        bad = np.flatnonzero(hashes != snap.hashes)
-        if bad.size:
-            i = int(bad[0])
-            raise CorruptionError(f"page {int(snap.page_ids[i])}'s bytes do not match its stored "
-                                  f"hash ({bad.size} pages differ)", path=path,
-                                  position=None if data_at is None else data_at + int(snap.starts[i]),
-                                  page=int(snap.page_ids[i]))
+        if hashes is None:
+            hashes = _page_hashes(snap.data, snap.starts, snap.sizes)
+        bad = _first_bad_page(snap, hashes, layout, path, "page hash mismatch")
+        if bad is not None:
+            raise bad
+    else:
+        hashes = snap.hashes
     state_hash = int(_cpu.combine_hashes(snap.page_ids, hashes)) if hashes.size else 0
     if state_hash != info.state_hash:
         raise CorruptionError(f"pages combine to state hash {state_hash:016x}, the manifest says "
@@ -642,24 +697,38 @@ def read_checkpoint(source, *, shard: int | None = None, epoch: int | None = Non
     return snap, info
 
 
+def _checkpoint_location(source, shard, epoch, filesystem) -> tuple[pafs.FileSystem, str]:
+    if isinstance(source, CheckpointInfo):
+        fs = filesystem or source.filesystem
+        if fs is None:
+            raise ValueError("this CheckpointInfo carries no filesystem; pass filesystem=")
+        return fs, source.path
+    fs, dir_path = _resolve(source, filesystem)
+    if (shard is None) != (epoch is None):
+        raise ValueError("give both shard and epoch, or neither")
+    if shard is not None:
+        dir_path = checkpoint_dir(dir_path, int(shard), int(epoch))
+    return fs, dir_path
+
+
 # ---- listing and cleanup -----------------------------------------------------------------------
 
 
-def _epoch_dirs(fs, root: str, shard: int | None) -> dict[str, bool]:
-    """{checkpoint directory: has a manifest} under ``root`` (one shard's, when given)."""
+def _epoch_dirs(fs, root: str, shard: int | None) -> dict[str, tuple[int, int, bool]]:
+    """{checkpoint directory: (shard, epoch, has a manifest)} under ``root`` (one shard's, when
+    given), from one recursive listing (one paginated LIST on an object store)."""
     base = root if shard is None else _join(root, f"shard-{int(shard):04d}")
     selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
     prefix = root.rstrip("/") + "/"
-    dirs: dict[str, bool] = {}
+    dirs: dict[str, tuple[int, int, bool]] = {}
     for entry in fs.get_file_info(selector):
-        if not entry.path.startswith(prefix):
-            continue
-        m = _DIR_RE.match(entry.path[len(prefix):])
+        m = _DIR_RE.match(entry.path[len(prefix):]) if entry.path.startswith(prefix) else None
         if not m:
             continue
         d = _join(root, f"shard-{m.group(1)}", f"epoch-{m.group(2)}")
         complete = m.group(3) == MANIFEST_FILE and entry.type == pafs.FileType.File
-        dirs[d] = dirs.get(d, False) or complete
+        seen = dirs.get(d, (0, 0, False))[2]
+        dirs[d] = (int(m.group(1)), int(m.group(2)), seen or complete)
     return dirs
 
 
@@ -668,16 +737,19 @@ def list_checkpoints(location, shard: int | None = None, *,
     """Complete checkpoints under ``location`` (of one shard, when given), by (epoch, shard).
     A damaged manifest raises CorruptionError rather than being skipped silently."""
     fs, root = _resolve(location, filesystem)
-    infos = [_load_info(fs, d) for d, complete in _epoch_dirs(fs, root, shard).items() if complete]
-    return sorted(infos, key=lambda i: (i.epoch, i.shard))
+    dirs = _epoch_dirs(fs, root, shard)
+    return [_load_info(fs, d) for d in sorted((d for d, (_, _, done) in dirs.items() if done),
+                                              key=lambda d: dirs[d][1::-1])]
 
 
 def latest_checkpoint(location, shard: int, at_or_before_epoch: int | None = None, *,
                       filesystem: pafs.FileSystem | None = None) -> CheckpointInfo | None:
-    """The newest complete checkpoint of ``shard`` (at or before the given epoch), or None."""
-    infos = [i for i in list_checkpoints(location, shard, filesystem=filesystem)
-             if at_or_before_epoch is None or i.epoch <= at_or_before_epoch]
-    return infos[-1] if infos else None
+    """The newest complete checkpoint of ``shard`` (at or before the given epoch), or None. Reads
+    one manifest: a damaged one raises CorruptionError (it is not skipped for an older one)."""
+    fs, root = _resolve(location, filesystem)
+    epochs = {e: d for d, (_, e, done) in _epoch_dirs(fs, root, shard).items()
+              if done and (at_or_before_epoch is None or e <= at_or_before_epoch)}
+    return _load_info(fs, epochs[max(epochs)]) if epochs else None
 
 
 def delete_checkpoint(info: CheckpointInfo, *, filesystem: pafs.FileSystem | None = None) -> None:
@@ -700,7 +772,7 @@ def remove_incomplete(location, shard: int | None = None, *,
     """Delete checkpoint directories without a manifest (left by a crashed writer); returns them.
     Only safe while no writer is writing under ``location`` (e.g. when a shard starts)."""
     fs, root = _resolve(location, filesystem)
-    removed = sorted(d for d, complete in _epoch_dirs(fs, root, shard).items() if not complete)
+    removed = sorted(d for d, (_, _, done) in _epoch_dirs(fs, root, shard).items() if not done)
     for d in removed:
         fs.delete_dir(d)
     return removed
@@ -737,7 +809,7 @@ class CheckpointWriter:
         if self._closed:
             raise RuntimeError("CheckpointWriter is closed")
         _check_snapshot(snapshot, state_hash)  # a caller's mistake surfaces here, not in a future
-        if not self._slots.acquire(timeout=timeout if timeout is not None else -1):
+        if not self._slots.acquire(timeout=timeout):
             raise TimeoutError(f"{self._stats['pending']} checkpoints still being written")
         with self._lock:
             self._stats["submitted"] += 1
