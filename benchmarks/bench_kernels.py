@@ -137,35 +137,51 @@ def bench_gpu(quick: bool) -> dict:
     masks = rng.integers(0, 256, nbytes // 8, dtype=cp.uint8)
     offs = np.arange(npg, dtype=np.int64) * page
     lens = np.full(npg, page, np.int64)
-    moffs = offs // 8
-    t_merge = timed(lambda: be.merge_masked(arena, offs, offs, lens, moffs, payload, masks))
+    od, ld_m, md = (cp.asarray(a) for a in (offs, lens, offs // 8))
+    blocks = tuple(cp.asarray(a) for a in _gpu._block_table(lens))
+    t_merge = timed(lambda: be.merge_device(arena, od, od, ld_m, md, blocks, payload, masks))
     merge_bytes = nbytes * 3 + nbytes // 8  # payload read, arena read, arena write, mask read
 
-    # Run scatter: 64-byte runs at random 64-byte slots (with repeats, as hot keys have).
+    # Run scatter: 64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are),
+    # so ~11% of the runs collide and take the ordered path; also distinct slots, and the general
+    # layout (per-run source offsets and lengths instead of one uniform length).
     n = nbytes // 256
-    slots = cp.asarray(np.random.default_rng(3).integers(0, nbytes // 64, n)).astype(cp.int64)
-    dd = slots * 64
+    host_rng = np.random.default_rng(3)
+    slots = cp.asarray(host_rng.integers(0, nbytes // 64, n)).astype(cp.int64)
+    distinct = cp.asarray(host_rng.permutation(nbytes // 64)[:n]).astype(cp.int64)
+    dd, dd_distinct = slots * 64, distinct * 64
     sd = cp.arange(n, dtype=cp.int64) * 64
     ld = cp.full(n, 64, cp.int64)
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
-    t_scatter = timed(lambda: be.scatter_device(arena, dd, sd, ld, pay, state, maxlen=64,
-                                                fixup_bound=2 * n))
+
+    def scatter(dest, general=False, target=arena, st=state):
+        be.scatter_device(target, dest, sd if general else None, ld if general else None, pay,
+                          st, maxlen=64, ulen=0 if general else 64, fixup_bound=2 * n)
+
+    t_scatter = timed(lambda: scatter(dd))
+    t_distinct = timed(lambda: scatter(dd_distinct))
+    t_general = timed(lambda: scatter(dd, general=True))
+    # The floor: the same copy with no ordering work at all (what a scatter costs if overlapping
+    # runs could land in any order) -- shows what keeping batch order costs.
+    t_floor = timed(lambda: be._launch_runs(arena, pay, dd, sd, ld, mode=0, maxlen=64))
     scatter_bytes = 2 * n * 64  # payload read + arena write
     rows = arena.reshape(-1, 64)
     pay_rows = pay.reshape(-1, 64)
     t_fancy_rows = timed(lambda: rows.__setitem__(slots, pay_rows))
+    t_fancy_rows_distinct = timed(lambda: rows.__setitem__(distinct, pay_rows))
     nb = min(n, 1 << 20)
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
     t_fancy_bytes = timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
-    # Correctness of what was timed: one more scatter from a known state against the reference.
-    check = rng.integers(1, 256, nbytes, dtype=cp.uint8)
-    want = check.copy()
-    want.reshape(-1, 64)[slots[::-1][cp.unique(slots[::-1], return_index=True)[1]]] = \
-        pay_rows[::-1][cp.unique(slots[::-1], return_index=True)[1]]
-    be.scatter_device(check, dd, sd, ld, pay, be.scatter_state(nbytes), maxlen=64,
-                      fixup_bound=2 * n)
-    assert bool((check == want).all()), "scatter result differs from last-writer-wins"
+    # Correctness of what was timed: both layouts from a known state against last-writer-wins.
+    rev = cp.unique(slots[::-1], return_index=True)[1]
+    for general in (False, True):
+        check = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+        want = check.copy()
+        want.reshape(-1, 64)[slots[::-1][rev]] = pay_rows[::-1][rev]
+        scatter(dd, general, check, be.scatter_state(nbytes))
+        assert bool((check == want).all()), "scatter result differs from last-writer-wins"
+        del check, want
     return {
         "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
         "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
@@ -175,9 +191,19 @@ def bench_gpu(quick: bool) -> dict:
         "run_scatter_64B": {"runs": n, "s": t_scatter, "deltas_per_s": n / t_scatter,
                             "GBps": scatter_bytes / t_scatter / 1e9,
                             "fraction_of_copy": scatter_bytes / t_scatter / copy_bw,
+                            "colliding_runs": int(n - cp.unique(slots).size),
                             "fixup_batches": state.fixups},
+        "run_scatter_64B_distinct": {"s": t_distinct, "deltas_per_s": n / t_distinct,
+                                     "fraction_of_copy": scatter_bytes / t_distinct / copy_bw},
+        "run_scatter_64B_unordered_floor": {"s": t_floor, "deltas_per_s": n / t_floor,
+                                            "fraction_of_copy": scatter_bytes / t_floor / copy_bw},
+        "run_scatter_64B_general": {"s": t_general, "deltas_per_s": n / t_general,
+                                    "fraction_of_copy": scatter_bytes / t_general / copy_bw},
         "cupy_fancy_rows": {"s": t_fancy_rows, "deltas_per_s": n / t_fancy_rows,
                             "ratio_scatter_vs_fancy": t_fancy_rows / t_scatter},
+        "cupy_fancy_rows_distinct": {"s": t_fancy_rows_distinct,
+                                     "deltas_per_s": n / t_fancy_rows_distinct,
+                                     "ratio_scatter_vs_fancy": t_fancy_rows_distinct / t_distinct},
         "cupy_fancy_bytes": {"runs": nb, "s": t_fancy_bytes, "deltas_per_s": nb / t_fancy_bytes},
     }
 
@@ -200,8 +226,18 @@ def _table(res: dict) -> str:
         s = g["run_scatter_64B"]
         lines.append(f"{'GPU 64B run scatter (GB/s payload r+w)':44s} {s['GBps']:16.1f} "
                      f"{g['copy']['GBps']:17.1f} copy {s['fraction_of_copy']:8.2%}")
+        for key, label in (("run_scatter_64B_distinct", "distinct slots"),
+                           ("run_scatter_64B_unordered_floor", "unordered floor"),
+                           ("run_scatter_64B_general", "per-run offsets/lengths")):
+            v = g[key]
+            lines.append(f"{'GPU 64B run scatter, ' + label:44s} {v['deltas_per_s']:16.3e} "
+                         f"{'':17s} copy {v['fraction_of_copy']:8.2%}")
         f = g["cupy_fancy_rows"]
         lines.append(f"{'GPU 64B run scatter (deltas/s)':44s} {s['deltas_per_s']:16.3e} "
+                     f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
+        f = g["cupy_fancy_rows_distinct"]
+        lines.append(f"{'GPU 64B run scatter, distinct (deltas/s)':44s} "
+                     f"{g['run_scatter_64B_distinct']['deltas_per_s']:16.3e} "
                      f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
         b = g["cupy_fancy_bytes"]
         lines.append(f"{'GPU cupy per-byte fancy index (deltas/s)':44s} {b['deltas_per_s']:16.3e}")

@@ -23,20 +23,57 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 }
 
 // ---- runs ---------------------------------------------------------------------------------------
-// Order inside a batch without sorting: phase A stamps, in every granule a run touches, the largest
-// key (key = key_base + run index + 1) with atomicMax. Phase B lets each run write only in granules
-// where it is the last toucher; a run that is not the last toucher of a granule checks whether that
-// last run covers its bytes there (then they are overwritten anyway); if not, the granule goes on a
-// fixup list, and the host re-applies, in order, every run touching a listed granule, clipped to it.
-// Aligned writes of whole granules (the common case) never need fixups.
+// Keeping batch order (later runs win) without sorting, optimistically:
+//   pass 1 (runs_apply, mode 1): every run writes all its bytes and marks, with atomicOr, a `seen`
+//          bit for each granule it touches; a run that finds the bit already set marks the granule
+//          in `conf` and raises `any_conf`. Both bitmaps (1 bit per granule) stay in L2. Bytes in
+//          granules that only one run touched are final after this pass: in most batches, all.
+//   pass 2 (runs_stamp), only if any_conf: in `conf` granules each run records
+//          key = key_base + index + 1 with atomicMax: the largest key is the last toucher.
+//   pass 3 (runs_apply, mode 2): in `conf` granules the last toucher rewrites its bytes. A run that
+//          is not the last toucher checks whether the last one covers its bytes there (then they
+//          are right already); if not, the granule is flagged, and the host replays, in order, every
+//          run touching a flagged granule, clipped to it (runs_fix_*). Whole-granule writes never
+//          need that.
+// Runs come as dest[] plus either per-run soff[]/len[] or one uniform length (soff = r * len).
+
+#define RUN_LEN(r) (ulen ? ulen : len[r])
+#define RUN_SRC(r) (ulen ? (r) * ulen : soff[r])
+
+__device__ __forceinline__ bool bit_of(const u32* __restrict__ bits, i64 g) {
+    return (bits[g >> 5] >> (g & 31)) & 1u;
+}
 
 extern "C" __global__ void runs_stamp(const i64* __restrict__ dest, const i64* __restrict__ len,
-                                      i64 n, u32 key_base, u32* __restrict__ stamp, int gshift) {
-    for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < n; r += (i64)gridDim.x * blockDim.x) {
-        i64 d = dest[r];
-        i64 g1 = (d + len[r] - 1) >> gshift;
-        u32 key = key_base + (u32)r + 1u;
-        for (i64 g = d >> gshift; g <= g1; ++g) atomicMax(&stamp[g], key);
+                                      i64 ulen, i64 n, u32 key_base, u32* __restrict__ stamp,
+                                      const u32* __restrict__ conf, u32* __restrict__ counters,
+                                      u32* __restrict__ conf_runs, int gshift) {
+    __shared__ u32 block_hits, block_base;
+    // The loop bound is the same for every thread of a block (the barriers need that).
+    for (i64 r0 = blockIdx.x * (i64)blockDim.x; r0 < n; r0 += (i64)gridDim.x * blockDim.x) {
+        i64 r = r0 + threadIdx.x;
+        bool hit = false;
+        if (r < n) {
+            i64 d = dest[r];
+            i64 g1 = (d + RUN_LEN(r) - 1) >> gshift;
+            u32 key = key_base + (u32)r + 1u;
+            for (i64 g = d >> gshift; g <= g1; ++g) {
+                if (bit_of(conf, g)) {
+                    atomicMax(&stamp[g], key);
+                    hit = true;
+                }
+            }
+        }
+        // List the runs that touch a conflicted granule (pass 3 visits only these), with one
+        // global atomicAdd per block: adds on one address serialize.
+        if (threadIdx.x == 0) block_hits = 0;
+        __syncthreads();
+        u32 slot = hit ? atomicAdd(&block_hits, 1u) : 0u;
+        __syncthreads();
+        if (threadIdx.x == 0 && block_hits) block_base = atomicAdd(&counters[2], block_hits);
+        __syncthreads();
+        if (hit) conf_runs[block_base + slot] = (u32)r;
+        __syncthreads();
     }
 }
 
@@ -48,65 +85,91 @@ __device__ __forceinline__ void flag_fixup(i64 g, u8* fixflag, u32* fixcount) {
     }
 }
 
+// Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? If not, and the last
+// toucher does not cover them, flag the granule.
+__device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
+                                     const u32* __restrict__ stamp, const i64* __restrict__ dest,
+                                     const i64* __restrict__ len, i64 ulen, u8* fixflag,
+                                     u32* fixcount) {
+    u32 w = stamp[g];
+    if (w == key) return true;
+    i64 lr = (i64)(w - key_base - 1u);
+    i64 ld = dest[lr];
+    if (!(ld <= p && p + m <= ld + RUN_LEN(lr))) flag_fixup(g, fixflag, fixcount);
+    return false;
+}
+
+// May this pass write bytes [p, p+m), all inside granule g?
+__device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key, u32 key_base,
+                                          const u32* __restrict__ stamp,
+                                          const u32* __restrict__ conf,
+                                          const i64* __restrict__ dest, const i64* __restrict__ len,
+                                          i64 ulen, u8* fixflag, u32* fixcount) {
+    if (mode != 2) return true;
+    return bit_of(conf, g) && owns(g, p, m, key, key_base, stamp, dest, len, ulen, fixflag, fixcount);
+}
+
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
-// With `owned` = 0 this is a plain batched copy (destinations known disjoint): copy_runs.
+// mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3, over
+// the n runs listed in conf_runs. counters = [any_conf, fixups, listed runs]. (The host reads the
+// counters between passes: threads that all read one address would serialize on it.)
 extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
                                       const i64* __restrict__ dest, const i64* __restrict__ soff,
-                                      const i64* __restrict__ len, i64 n, int lanes_log2,
-                                      int owned, u32 key_base, const u32* __restrict__ stamp,
-                                      int gshift, u8* fixflag, u32* fixcount) {
+                                      const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
+                                      int mode, u32 key_base, const u32* __restrict__ stamp,
+                                      u32* __restrict__ seen, u32* __restrict__ conf,
+                                      u32* __restrict__ counters, const u32* __restrict__ conf_runs,
+                                      int gshift, u8* fixflag) {
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     i64 r = t >> lanes_log2;
     if (r >= n) return;
+    if (mode == 2) r = conf_runs[r];
+    u32* any_conf = counters;
+    u32* fixcount = counters + 1;
     int lane = (int)(t & ((1 << lanes_log2) - 1));
     int lanes = 1 << lanes_log2;
-    i64 d = dest[r], s = soff[r], L = len[r];
+    i64 d = dest[r], s = RUN_SRC(r), L = RUN_LEN(r);
     u32 key = key_base + (u32)r + 1u;
+    if (mode == 1) {
+        bool collided = false;
+        for (i64 g = (d >> gshift) + lane; g <= (d + L - 1) >> gshift; g += lanes) {
+            u32 bit = 1u << (g & 31);
+            if (atomicOr(&seen[g >> 5], bit) & bit) {
+                atomicOr(&conf[g >> 5], bit);
+                collided = true;
+            }
+        }
+        // One store per warp that saw a collision (stores to one address serialize too).
+        u32 voters = __ballot_sync(__activemask(), collided);
+        if (voters && (threadIdx.x & 31) == __ffs(voters) - 1) *any_conf = 1u;
+    }
     bool vec = ((d | s) & 15) == 0;
     for (i64 c = (i64)lane * 16; c < L; c += (i64)lanes * 16) {
         i64 m = L - c < 16 ? L - c : 16;
-        if (!owned) {
-            if (vec && m == 16) {
-                *(uint4*)(dst + d + c) = *(const uint4*)(src + s + c);
-            } else {
-                for (i64 i = 0; i < m; ++i) dst[d + c + i] = src[s + c + i];
-            }
-            continue;
-        }
         i64 ga = (d + c) >> gshift, gb = (d + c + m - 1) >> gshift;
         if (vec && m == 16 && ga == gb) {
-            u32 w = stamp[ga];
-            if (w == key) {
+            if (may_write(mode, ga, d + c, 16, key, key_base, stamp, conf, dest, len, ulen, fixflag,
+                          fixcount))
                 *(uint4*)(dst + d + c) = *(const uint4*)(src + s + c);
-            } else {
-                i64 lr = (i64)(w - key_base - 1u);
-                i64 ld = dest[lr];
-                if (!(ld <= d + c && d + c + 16 <= ld + len[lr])) flag_fixup(ga, fixflag, fixcount);
-            }
             continue;
         }
         for (i64 i = 0; i < m; ++i) {
             i64 p = d + c + i;
-            i64 g = p >> gshift;
-            u32 w = stamp[g];
-            if (w == key) {
+            if (may_write(mode, p >> gshift, p, 1, key, key_base, stamp, conf, dest, len, ulen,
+                          fixflag, fixcount))
                 dst[p] = src[s + c + i];
-            } else {
-                i64 lr = (i64)(w - key_base - 1u);
-                i64 ld = dest[lr];
-                if (!(ld <= p && p < ld + len[lr])) flag_fixup(g, fixflag, fixcount);
-            }
         }
     }
 }
 
 // Fixup, step 1: list (granule, run) for every run touching a flagged granule.
 extern "C" __global__ void runs_fix_pairs(const i64* __restrict__ dest, const i64* __restrict__ len,
-                                          i64 n, int gshift, const u8* __restrict__ fixflag,
-                                          u64* __restrict__ pairs, u32* __restrict__ npairs) {
+                                          i64 ulen, i64 n, int gshift,
+                                          const u8* __restrict__ fixflag, u64* __restrict__ pairs,
+                                          u32* __restrict__ npairs) {
     for (i64 r = blockIdx.x * (i64)blockDim.x + threadIdx.x; r < n; r += (i64)gridDim.x * blockDim.x) {
         i64 d = dest[r];
-        i64 g1 = (d + len[r] - 1) >> gshift;
+        i64 g1 = (d + RUN_LEN(r) - 1) >> gshift;
         for (i64 g = d >> gshift; g <= g1; ++g) {
             if (fixflag[g]) {
                 u32 at = atomicAdd(npairs, 1u);
@@ -119,7 +182,8 @@ extern "C" __global__ void runs_fix_pairs(const i64* __restrict__ dest, const i6
 // Fixup, step 2: one thread per flagged granule replays its runs in order, clipped to the granule.
 extern "C" __global__ void runs_fix_apply(u8* __restrict__ dst, const u8* __restrict__ src,
                                           const i64* __restrict__ dest, const i64* __restrict__ soff,
-                                          const i64* __restrict__ len, const u64* __restrict__ pairs,
+                                          const i64* __restrict__ len, i64 ulen,
+                                          const u64* __restrict__ pairs,
                                           const i64* __restrict__ group_starts, i64 ngroups,
                                           int gshift, u8* __restrict__ fixflag) {
     i64 k = blockIdx.x * (i64)blockDim.x + threadIdx.x;
@@ -129,77 +193,98 @@ extern "C" __global__ void runs_fix_apply(u8* __restrict__ dst, const u8* __rest
     i64 glo = g << gshift, ghi = (g + 1) << gshift;
     for (i64 j = a; j < b; ++j) {
         i64 r = (i64)(pairs[j] & 0xFFFFFFFFULL);
-        i64 d = dest[r], s = soff[r], L = len[r];
+        i64 d = dest[r], s = RUN_SRC(r), L = RUN_LEN(r);
         i64 lo = d > glo ? d : glo, hi = d + L < ghi ? d + L : ghi;
         for (i64 p = lo; p < hi; ++p) dst[p] = src[s + (p - d)];
     }
     fixflag[g] = 0;
 }
 
-// ---- masked deltas ------------------------------------------------------------------------------
-// One thread per 16-byte chunk of a delta; chunk_starts (n+1) maps a global chunk to its delta.
-// Deltas in one launch must not overlap (the host splits same-page deltas into waves).
+// ---- masked deltas and zeroing --------------------------------------------------------------------
+// A block table maps each block to (item, first 16-byte chunk): block b covers chunks
+// chunk0[b] + [0, CHUNKS_PER_THREAD * blockDim.x) of item[b], thread-contiguous per step so that
+// accesses coalesce. Masked deltas in one launch must not overlap (the host splits same-page
+// deltas into waves).
 
-__device__ __forceinline__ i64 find_item(const i64* __restrict__ starts, i64 n, i64 t) {
-    i64 lo = 0, hi = n;  // largest i with starts[i] <= t
-    while (hi - lo > 1) {
-        i64 mid = (lo + hi) >> 1;
-        if (starts[mid] <= t) lo = mid; else hi = mid;
+#ifndef CHUNKS_PER_THREAD
+#define CHUNKS_PER_THREAD 4
+#endif
+
+__device__ __forceinline__ uint4 blend16(uint4 p, uint4 a, u32 bits) {
+    u32* pw = (u32*)&p;
+    const u32* aw = (const u32*)&a;
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+        u32 nib = (bits >> (4 * w)) & 0xFu;
+        u32 sel = ((nib & 1u) ? 0x000000FFu : 0u) | ((nib & 2u) ? 0x0000FF00u : 0u) |
+                  ((nib & 4u) ? 0x00FF0000u : 0u) | ((nib & 8u) ? 0xFF000000u : 0u);
+        pw[w] = (pw[w] & sel) | (aw[w] & ~sel);
     }
-    return lo;
+    return p;
 }
 
 extern "C" __global__ void masked_merge(u8* __restrict__ arena, const u8* __restrict__ payload,
                                         const u8* __restrict__ masks, const i64* __restrict__ dest,
                                         const i64* __restrict__ soff, const i64* __restrict__ len,
                                         const i64* __restrict__ moff,
-                                        const i64* __restrict__ chunk_starts, i64 n, i64 nchunks) {
-    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    if (t >= nchunks) return;
-    i64 i = find_item(chunk_starts, n, t);
-    i64 c = (t - chunk_starts[i]) * 16;
-    i64 d = dest[i] + c, s = soff[i] + c, L = len[i] - c;
-    const u8* mk = masks + moff[i] + c / 8;
-    if (L >= 16 && ((d | s) & 15) == 0) {
-        u32 bits = (u32)mk[0] | ((u32)mk[1] << 8);
-        if (bits == 0) return;
-        uint4 p = *(const uint4*)(payload + s);
-        if (bits != 0xFFFFu) {
-            uint4 a = *(const uint4*)(arena + d);
-            u32* pw = (u32*)&p;
-            const u32* aw = (const u32*)&a;
+                                        const i64* __restrict__ block_item,
+                                        const i64* __restrict__ block_chunk0) {
+    i64 i = block_item[blockIdx.x];
+    i64 L = len[i];
+    i64 d0 = dest[i], s0 = soff[i];
+    const u8* mk0 = masks + moff[i];
+    i64 cbase = block_chunk0[blockIdx.x] * 16 + (i64)threadIdx.x * 16;
+    i64 step = (i64)blockDim.x * 16;
+    if (((d0 | s0) & 15) == 0 && cbase + (CHUNKS_PER_THREAD - 1) * step + 16 <= L) {
+        // Fast path: every chunk of this thread is whole and aligned. Masks first, then every
+        // load the masks call for (the payload unless all bits are 0, the old bytes unless all are
+        // 1) before any store, to keep many bytes in flight.
+        u32 bits[CHUNKS_PER_THREAD];
+        uint4 p[CHUNKS_PER_THREAD], a[CHUNKS_PER_THREAD];
 #pragma unroll
-            for (int w = 0; w < 4; ++w) {
-                u32 nib = (bits >> (4 * w)) & 0xFu;
-                u32 sel = ((nib & 1u) ? 0x000000FFu : 0u) | ((nib & 2u) ? 0x0000FF00u : 0u) |
-                          ((nib & 4u) ? 0x00FF0000u : 0u) | ((nib & 8u) ? 0xFF000000u : 0u);
-                pw[w] = (pw[w] & sel) | (aw[w] & ~sel);
-            }
+        for (int k = 0; k < CHUNKS_PER_THREAD; ++k) {
+            i64 c = cbase + k * step;
+            bits[k] = (u32)mk0[c / 8] | ((u32)mk0[c / 8 + 1] << 8);
         }
-        *(uint4*)(arena + d) = p;
+#pragma unroll
+        for (int k = 0; k < CHUNKS_PER_THREAD; ++k) {
+            i64 c = cbase + k * step;
+            p[k] = bits[k] ? *(const uint4*)(payload + s0 + c) : make_uint4(0, 0, 0, 0);
+            a[k] = (bits[k] && bits[k] != 0xFFFFu) ? *(const uint4*)(arena + d0 + c)
+                                                    : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int k = 0; k < CHUNKS_PER_THREAD; ++k)
+            if (bits[k]) *(uint4*)(arena + d0 + cbase + k * step) = blend16(p[k], a[k], bits[k]);
         return;
     }
-    i64 m = L < 16 ? L : 16;
-    for (i64 j = 0; j < m; ++j)
-        if ((mk[j >> 3] >> (j & 7)) & 1) arena[d + j] = payload[s + j];
+    for (int k = 0; k < CHUNKS_PER_THREAD; ++k) {
+        i64 c = cbase + k * step;
+        if (c >= L) break;
+        i64 m = L - c < 16 ? L - c : 16;
+        const u8* mk = mk0 + c / 8;
+        for (i64 j = 0; j < m; ++j)
+            if ((mk[j >> 3] >> (j & 7)) & 1) arena[d0 + c + j] = payload[s0 + c + j];
+    }
 }
 
-// ---- zero ---------------------------------------------------------------------------------------
-
 extern "C" __global__ void runs_zero(u8* __restrict__ arena, const i64* __restrict__ dest,
-                                     const i64* __restrict__ len, const i64* __restrict__ chunk_starts,
-                                     i64 n, i64 nchunks) {
-    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    if (t >= nchunks) return;
-    i64 i = find_item(chunk_starts, n, t);
-    i64 c = (t - chunk_starts[i]) * 16;
-    i64 d = dest[i] + c, L = len[i] - c;
-    if (L >= 16 && (d & 15) == 0) {
-        *(uint4*)(arena + d) = make_uint4(0, 0, 0, 0);
-        return;
+                                     const i64* __restrict__ len, const i64* __restrict__ block_item,
+                                     const i64* __restrict__ block_chunk0) {
+    i64 i = block_item[blockIdx.x];
+    i64 L = len[i], d0 = dest[i];
+#pragma unroll
+    for (int k = 0; k < CHUNKS_PER_THREAD; ++k) {
+        i64 c = (block_chunk0[blockIdx.x] + (i64)k * blockDim.x + threadIdx.x) * 16;
+        if (c >= L) break;
+        i64 d = d0 + c;
+        if (L - c >= 16 && (d & 15) == 0) {
+            *(uint4*)(arena + d) = make_uint4(0, 0, 0, 0);
+            continue;
+        }
+        i64 m = L - c < 16 ? L - c : 16;
+        for (i64 j = 0; j < m; ++j) arena[d + j] = 0;
     }
-    i64 m = L < 16 ? L : 16;
-    for (i64 j = 0; j < m; ++j) arena[d + j] = 0;
 }
 
 // ---- compare -> mask ----------------------------------------------------------------------------

@@ -19,21 +19,26 @@ from mmsb_dist.kernels import cuda_source
 
 _BLOCK = 256
 _GSHIFT = int(math.log2(limits.scatter_granule_bytes))
-_KERNELS = ("runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply", "masked_merge",
-            "runs_zero", "compare_mask", "page_hash")
+_KERNELS = ("runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
+            "masked_merge", "runs_zero", "compare_mask", "page_hash")
+_CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
 
 
 class ScatterState:
-    """Last-writer stamps (u32 per granule) and fixup flags (u8 per granule) for one arena."""
+    """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule, cleared
+    after every batch), last-writer stamps (u32 per granule) and fixup flags (u8 per granule)."""
 
     def __init__(self, capacity: int):
         granules = (int(capacity) >> _GSHIFT) + 1
         if granules >= 1 << 32:
             raise CapacityError(f"arena of {capacity} bytes is over the scatter kernel's "
                                 f"2**32 granules of {limits.scatter_granule_bytes} bytes")
+        words = (granules + 31) // 32
+        self.bits = cp.zeros(2 * words, cp.uint32)  # seen, then conf: one memset clears both
+        self.seen, self.conf = self.bits[:words], self.bits[words:]
         self.stamp = cp.zeros(granules, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
-        self.fixcount = cp.zeros(1, cp.uint32)
+        self.counters = cp.zeros(3, cp.uint32)  # [any_conf, fixcount, listed runs]
         self.key_base = 0
         self.fixups = 0  # batches that needed the fixup pass (statistics)
 
@@ -61,10 +66,21 @@ def _granule_span(dest: np.ndarray, lengths: np.ndarray) -> int:
     return int((((dest + lengths - 1) >> _GSHIFT) - (dest >> _GSHIFT) + 1).sum())
 
 
-def _chunk_starts(lengths: np.ndarray) -> np.ndarray:
-    starts = np.zeros(lengths.size + 1, np.int64)
-    np.cumsum((lengths + 15) // 16, out=starts[1:])
-    return starts
+def _uniform_length(src: np.ndarray, lengths: np.ndarray) -> int:
+    """L when every run has length L and run r's bytes start at r*L (a 2-D payload), else 0."""
+    first = int(lengths[0])
+    if first <= 0 or np.any(lengths != first):
+        return 0
+    return first if np.array_equal(src, np.arange(src.size, dtype=np.int64) * first) else 0
+
+
+def _block_table(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(item, first chunk) per block for kernels that cover items in 16-byte chunks."""
+    per_block = _CHUNKS_PER_THREAD * _BLOCK
+    blocks = ((lengths + 15) // 16 + per_block - 1) // per_block
+    item = np.repeat(np.arange(lengths.size, dtype=np.int64), blocks)
+    first = np.repeat(np.cumsum(blocks) - blocks, blocks)
+    return item, (np.arange(item.size, dtype=np.int64) - first) * per_block
 
 
 class CupyBackend(Backend):
@@ -75,6 +91,8 @@ class CupyBackend(Backend):
         module = cp.RawModule(code=cuda_source(), options=("--std=c++17",))
         self._k = {name: module.get_function(name) for name in _KERNELS}
         self._dummy32 = cp.zeros(1, cp.uint32)
+        self._dummy64 = cp.zeros(1, cp.int64)
+        self._dummy_counters = cp.zeros(3, cp.uint32)
         self._dummy8 = cp.zeros(1, cp.uint8)
 
     # ---- memory --------------------------------------------------------------------------------
@@ -110,64 +128,85 @@ class CupyBackend(Backend):
     def copy_runs(self, dst, dst_off, src, src_off, lengths) -> None:
         d, s, ln = split_runs(dst_off, src_off, lengths, limits.scatter_piece_bytes_max)
         if ln.size:
-            self._launch_runs(dst, src, d, s, ln, owned=False)
+            dd, sd, ld = self._index(d, s, ln)
+            self._launch_runs(dst, src, dd, sd, ld, mode=0, maxlen=int(ln.max()))
 
     def scatter_runs(self, arena, dest, src, lengths, payload, state=None) -> None:
         d, s, ln = split_runs(dest, src, lengths, limits.scatter_piece_bytes_max)
-        if ln.size:
+        if not ln.size:
+            return
+        ulen = _uniform_length(s, ln)
+        if ulen:
+            dd, = self._index(d)
+            sd = ld = None
+        else:
             dd, sd, ld = self._index(d, s, ln)
-            self.scatter_device(arena, dd, sd, ld, payload, state, maxlen=int(ln.max()),
-                                fixup_bound=_granule_span(d, ln))
+        self.scatter_device(arena, dd, sd, ld, payload, state, maxlen=int(ln.max()), ulen=ulen,
+                            fixup_bound=_granule_span(d, ln))
 
-    def scatter_device(self, arena, dd, sd, ld, payload, state, *, maxlen: int,
+    def scatter_device(self, arena, dd, sd, ld, payload, state, *, maxlen: int, ulen: int = 0,
                        fixup_bound: int) -> None:
-        """Scatter runs whose index arrays are already on the device (runs no longer than
-        ``limits.scatter_piece_bytes_max``); ``fixup_bound`` bounds the (granule, run) pairs."""
-        n = int(ld.size)
+        """Scatter runs whose index arrays are on the device: ``dd`` plus either ``sd``/``ld`` or a
+        uniform length ``ulen`` (run r's bytes at payload[r*ulen:]). Runs must be no longer than
+        ``limits.scatter_piece_bytes_max``; ``fixup_bound`` bounds the (granule, run) pairs.
+        The passes are described above ``runs_stamp`` in kernels/mmsb_kernels.cu. The host reads
+        a counter after pass 1 (one synchronization when no granule collided; three with
+        collisions) to size or skip the next passes."""
+        n = int(dd.size)
         if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
             state.stamp.fill(0)
             state.key_base = 0
-        self._k["runs_stamp"](_grid(min(n, 1 << 22)), (_BLOCK,),
-                              (dd, ld, np.int64(n), np.uint32(state.key_base), state.stamp,
-                               np.int32(_GSHIFT)))
-        self._launch_runs(arena, payload, dd, sd, ld, owned=True, state=state, maxlen=maxlen)
-        if int(state.fixcount.get()[0]):
-            self._fixup(arena, payload, dd, sd, ld, fixup_bound, state)
+        sd = self._dummy64 if sd is None else sd
+        ld = self._dummy64 if ld is None else ld
+        run = dict(ulen=ulen, state=state, maxlen=maxlen)
+        self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
+        if int(state.counters[:1].get()[0]):  # some granule was touched twice: order it
+            conf_runs = cp.empty(n, cp.uint32)
+            self._k["runs_stamp"](_grid(min(n, 1 << 22)), (_BLOCK,),
+                                  (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
+                                   state.stamp, state.conf, state.counters, conf_runs,
+                                   np.int32(_GSHIFT)))
+            listed = int(state.counters[2:].get()[0])
+            self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs,
+                              listed=listed, **run)
+            if int(state.counters[1:2].get()[0]):
+                self._fixup(arena, payload, dd, sd, ld, ulen, fixup_bound, state)
+            state.counters.fill(0)
+        state.bits.fill(0)
         state.key_base += n
 
-    def _launch_runs(self, dst, src, dd, sd, ld, *, owned, state=None, maxlen=None) -> None:
-        n = len(ld)
-        if maxlen is None:
-            maxlen = int(ld.max())
-        if not isinstance(dd, cp.ndarray):
-            dd, sd, ld = self._index(dd, sd, ld)
+    def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None,
+                     conf_runs=None, listed=None) -> None:
+        n = int(dd.size) if listed is None else listed
         lanes_log2 = min(5, max(0, math.ceil(math.log2(max(1, (maxlen + 15) // 16)))))
         st = state
+        d32 = self._dummy32
         self._k["runs_apply"](
             _grid(n << lanes_log2), (_BLOCK,),
-            (dst, src, dd, sd, ld, np.int64(n), np.int32(lanes_log2), np.int32(1 if owned else 0),
-             np.uint32(st.key_base if st else 0), st.stamp if st else self._dummy32,
-             np.int32(_GSHIFT), st.fixflag if st else self._dummy8,
-             st.fixcount if st else self._dummy32))
+            (dst, src, dd, sd, ld, np.int64(ulen), np.int64(n), np.int32(lanes_log2),
+             np.int32(mode), np.uint32(st.key_base if st else 0),
+             st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
+             st.counters if st else self._dummy_counters,
+             d32 if conf_runs is None else conf_runs, np.int32(_GSHIFT),
+             st.fixflag if st else self._dummy8))
 
-    def _fixup(self, arena, payload, dd, sd, ld, bound, state) -> None:
+    def _fixup(self, arena, payload, dd, sd, ld, ulen, bound, state) -> None:
         """Replay in order every run touching a flagged granule, clipped to that granule."""
         state.fixups += 1
-        n = int(ld.size)
+        n = int(dd.size)
         pairs = cp.empty(bound, cp.uint64)
         npairs = cp.zeros(1, cp.uint32)
         self._k["runs_fix_pairs"](_grid(min(n, 1 << 22)), (_BLOCK,),
-                                  (dd, ld, np.int64(n), np.int32(_GSHIFT), state.fixflag, pairs,
-                                   npairs))
+                                  (dd, ld, np.int64(ulen), np.int64(n), np.int32(_GSHIFT),
+                                   state.fixflag, pairs, npairs))
         pairs = cp.sort(pairs[: int(npairs.get()[0])])
         gran = pairs >> np.uint64(32)
         heads = cp.flatnonzero(cp.concatenate([cp.ones(1, bool), gran[1:] != gran[:-1]]))
         starts = cp.concatenate([heads, cp.array([pairs.size])]).astype(cp.int64)
         ngroups = int(heads.size)
         self._k["runs_fix_apply"](_grid(ngroups), (_BLOCK,),
-                                  (arena, payload, dd, sd, ld, pairs, starts, np.int64(ngroups),
-                                   np.int32(_GSHIFT), state.fixflag))
-        state.fixcount.fill(0)
+                                  (arena, payload, dd, sd, ld, np.int64(ulen), pairs, starts,
+                                   np.int64(ngroups), np.int32(_GSHIFT), state.fixflag))
 
     # ---- masked, zero, compare, hash ------------------------------------------------------------
 
@@ -175,24 +214,24 @@ class CupyBackend(Backend):
         lengths = np.asarray(lengths, np.int64)
         if lengths.size == 0:
             return
-        starts = _chunk_starts(lengths)
         dd, sd, ld, md = self._index(dest, src, lengths, mask_src)
-        cs = cp.asarray(starts)
-        total = int(starts[-1])
-        self._k["masked_merge"](_grid(total), (_BLOCK,),
-                                (arena, payload, masks, dd, sd, ld, md, cs, np.int64(lengths.size),
-                                 np.int64(total)))
+        self.merge_device(arena, dd, sd, ld, md, self._index(*_block_table(lengths)), payload,
+                          masks)
+
+    def merge_device(self, arena, dd, sd, ld, md, blocks, payload, masks) -> None:
+        """merge_masked with device-resident index arrays; ``blocks`` is the uploaded
+        ``_block_table`` of the lengths."""
+        item, chunk0 = blocks
+        self._k["masked_merge"]((int(item.size),), (_BLOCK,),
+                                (arena, payload, masks, dd, sd, ld, md, item, chunk0))
 
     def zero_runs(self, arena, dest, lengths) -> None:
         lengths = np.asarray(lengths, np.int64)
         if lengths.size == 0:
             return
-        starts = _chunk_starts(lengths)
         dd, ld = self._index(dest, lengths)
-        total = int(starts[-1])
-        self._k["runs_zero"](_grid(total), (_BLOCK,),
-                             (arena, dd, ld, cp.asarray(starts), np.int64(lengths.size),
-                              np.int64(total)))
+        item, chunk0 = self._index(*_block_table(lengths))
+        self._k["runs_zero"]((int(item.size),), (_BLOCK,), (arena, dd, ld, item, chunk0))
 
     def compare(self, a, b):
         a = cp.ascontiguousarray(cp.asarray(a)).view(cp.uint8).reshape(-1)

@@ -16,6 +16,8 @@ def _runs(rng, arena_size, n, max_len, *, aligned=False, disjoint=False):
         lengths = (lengths + 15) // 16 * 16
     if disjoint:
         slot = max_len + 16
+        n = min(n, arena_size // slot)
+        lengths = lengths[:n]
         dest = rng.permutation(arena_size // slot)[:n] * slot
     else:
         dest = rng.integers(0, arena_size - lengths)
@@ -146,3 +148,21 @@ def test_page_hashes_agree_between_backends(rng):
     offsets = (rng.integers(0, arena.size - lengths) // 16 * 16).astype(np.int64)
     np.testing.assert_array_equal(cpu.page_hash(arena, offsets, lengths),
                                   gpu.page_hash(gpu.upload(arena), offsets, lengths))
+
+
+@pytest.mark.parametrize("run_bytes,align", [(64, 64), (64, 1), (16, 16), (48, 8)])
+def test_scatter_uniform_runs_with_collisions(backend, rng, run_bytes, align):
+    """Equal-length runs laid out back to back (the 2-D payload fast path), many colliding."""
+    size = 1 << 15
+    arena = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = _dev(backend, arena)
+    state = backend.scatter_state(size)
+    for _ in range(3):
+        n = 3000
+        dest = rng.integers(0, (size - run_bytes) // align, n) * align
+        src = np.arange(n, dtype=np.int64) * run_bytes
+        lengths = np.full(n, run_bytes, np.int64)
+        payload = rng.integers(0, 256, n * run_bytes, dtype=np.uint8)
+        ref.scatter_runs(arena, dest, src, lengths, payload)
+        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
+        np.testing.assert_array_equal(backend.to_host(dev), arena)

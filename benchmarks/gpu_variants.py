@@ -1,0 +1,131 @@
+"""Kernel tuning aid (GPU only): times compile-time variants of the masked merge side by side with
+a device copy, in one process. Not part of the product's benchmark suite; kept so that a tuning
+result can be reproduced. Usage: python benchmarks/gpu_variants.py"""
+
+import statistics
+
+import cupy as cp
+import numpy as np
+
+from mmsb_dist.kernels import cuda_source
+
+
+def timed(fn, repeat=20):
+    for _ in range(3):
+        fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    out = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        out.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return statistics.median(out)
+
+
+def scatter_variants(copy_bw):
+    """The unordered run copy (mode 0) of 64-byte runs with 1, 2 or 4 chunks of 16 bytes per
+    thread, and the ordered scatter, on distinct and on colliding slots."""
+    from mmsb_dist.backend import get_backend
+
+    be = get_backend("cupy")
+    nbytes = 1 << 30
+    n = nbytes // 256
+    rng = cp.random.default_rng(1)
+    arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
+    host = np.random.default_rng(2)
+    distinct = cp.asarray(host.permutation(nbytes // 64)[:n] * 64).astype(cp.int64)
+    colliding = cp.asarray(host.integers(0, nbytes // 64, n) * 64).astype(cp.int64)
+    dummy = cp.zeros(1, cp.int64)
+    k = be._k["runs_apply"]
+    for lanes_log2 in (2, 1, 0):
+        args = (arena, pay, distinct, dummy, dummy, np.int64(64), np.int64(n),
+                np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
+                be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8)
+        t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
+        print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
+              f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+    state = be.scatter_state(nbytes)
+    t = timed(lambda: (be._launch_runs(arena, pay, distinct, dummy, dummy, mode=1, maxlen=64,
+                                       ulen=64, state=state), state.bits.fill(0)))
+    print(f"scatter pass 1 only (write + mark), distinct: {n / t / 1e9:6.2f} G runs/s")
+    # Each pass of the ordered scatter on colliding slots, timed alone.
+    from mmsb_dist import _gpu
+    st = be.scatter_state(nbytes)
+    ev = [cp.cuda.Event() for _ in range(5)]
+    for rep in range(3):
+        ev[0].record()
+        be._launch_runs(arena, pay, colliding, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
+        ev[1].record()
+        any_conf = int(st.counters[:1].get()[0])
+        conf_runs = cp.empty(n, cp.uint32)
+        ev[2].record()
+        be._k["runs_stamp"](_gpu._grid(n), (256,), (colliding, dummy, np.int64(64), np.int64(n),
+                                                     np.uint32(st.key_base), st.stamp, st.conf,
+                                                     st.counters, conf_runs, np.int32(6)))
+        ev[3].record()
+        listed = int(st.counters[2:].get()[0])
+        be._launch_runs(arena, pay, colliding, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
+                        conf_runs=conf_runs, listed=listed)
+        ev[4].record()
+        ev[4].synchronize()
+        fixes = int(st.counters[1:2].get()[0])
+        st.counters.fill(0)
+        st.bits.fill(0)
+        st.key_base += n
+        ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(4)]
+        print(f"colliding passes (ms): pass1 {ms[0]:.3f} sync {ms[1]:.3f} pass2 {ms[2]:.3f} "
+              f"sync {ms[3]:.3f}  any_conf={any_conf} listed={listed} fixups={fixes}")
+    for label, dest in (("distinct", distinct), ("colliding", colliding)):
+        t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, state, maxlen=64, ulen=64,
+                                            fixup_bound=2 * n))
+        print(f"scatter ordered, {label:9s}: {n / t / 1e9:6.2f} G runs/s "
+              f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+
+
+def main():
+    rng = cp.random.default_rng(0)
+    nbytes = 1 << 30
+    src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    dst = cp.empty_like(src)
+    copy_bw = 2 * nbytes / timed(lambda: cp.copyto(dst, src))
+    print(f"copy {copy_bw / 1e9:8.1f} GB/s")
+    scatter_variants(copy_bw)
+    arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    payload = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    page = 64 << 10
+    npg = nbytes // page
+    offs = cp.arange(npg, dtype=cp.int64) * page
+    lens = cp.full(npg, page, cp.int64)
+    for density, label in ((None, "random bits"), (0xFF, "all ones"), ("runs", "clustered")):
+        if density is None:
+            masks = rng.integers(0, 256, nbytes // 8, dtype=cp.uint8)
+        elif density == 0xFF:
+            masks = cp.full(nbytes // 8, 0xFF, cp.uint8)
+        else:  # changed 256-byte runs with 25% probability: realistic diff masks
+            runs = (rng.random(nbytes // 256) < 0.25).astype(cp.uint8) * 0xFF
+            masks = cp.repeat(runs, 32)
+        ones = int(cp.unpackbits(masks[: 1 << 20]).sum()) / (8 << 20)
+        for cpt in (2, 4):
+            mod = cp.RawModule(code=cuda_source(), options=("--std=c++17",
+                                                             f"-DCHUNKS_PER_THREAD={cpt}"))
+            k = mod.get_function("masked_merge")
+            per_block = cpt * 256
+            blocks = (page // 16 + per_block - 1) // per_block
+            item = cp.repeat(cp.arange(npg, dtype=cp.int64), blocks)
+            chunk0 = (cp.arange(item.size, dtype=cp.int64) % blocks) * per_block
+            t = timed(lambda: k((int(item.size),), (256,), (arena, payload, masks, offs, offs, lens,
+                                                            offs // 8, item, chunk0)))
+            # Bytes that must move: masks; payload and arena writes where bits are set; old bytes
+            # only where a 16-byte chunk is partly set (random bits: every chunk).
+            set_fraction = {"random bits": 1.0, "all ones": 1.0, "clustered": ones}[label]
+            old = 1.0 if label == "random bits" else 0.0
+            moved = nbytes * (2 * set_fraction + old) + nbytes // 8
+            print(f"merge {label:12s} chunks/thread={cpt}: {moved / t / 1e9:8.1f} GB/s "
+                  f"({moved / t / copy_bw:6.1%} of copy)")
+
+
+if __name__ == "__main__":
+    main()
