@@ -162,6 +162,24 @@ class PageArena:
     def create_pages(self, n: int | None = None, size: int = 4096, dtype="uint8",
                      ids=None) -> np.ndarray:
         """Create pages (zeroed) and return their ids. With ``ids`` None the arena numbers them."""
+        ids, code, size = self.check_create(n, size, dtype, ids)
+        n = ids.size
+        if n:
+            asize = _align(size)
+            slots = self._take_slots(n)
+            offsets = self._take_extents(n, asize)
+            inserted = _cpu.index_insert(self._keys, self._vals, ids, slots)
+            assert inserted < 0, "ids were checked to be new"
+            self._count += n
+            self._ids[slots], self._offsets[slots], self._sizes[slots] = ids, offsets, size
+            self._versions[slots], self._dtypes[slots] = 0, code
+            self._live[slots], self._dirty[slots] = True, True
+            self._next_id = max(self._next_id, int(ids.max()) + 1)
+        return ids
+
+    def check_create(self, n, size, dtype, ids=None) -> tuple[np.ndarray, int, int]:
+        """Validate a create without changing anything: (ids it would create, dtype code, size).
+        With ``ids`` None they are the next ``n`` ids of the arena's counter."""
         code = dtype_code(dtype)
         size = int(size)
         itemsize = np.dtype(DTYPES[code]).itemsize
@@ -172,20 +190,7 @@ class PageArena:
         if size % itemsize:
             raise InvalidPageError(f"page size {size} is not a multiple of the {DTYPES[code]} "
                                    f"item size ({itemsize})", length=size)
-        ids = self._new_ids(n, ids)
-        n = ids.size
-        if n == 0:
-            return ids
-        asize = _align(size)
-        slots = self._take_slots(n)
-        offsets = self._take_extents(n, asize)
-        inserted = _cpu.index_insert(self._keys, self._vals, ids, slots)
-        assert inserted < 0, "ids were checked to be new"
-        self._count += n
-        self._ids[slots], self._offsets[slots], self._sizes[slots] = ids, offsets, size
-        self._versions[slots], self._dtypes[slots] = 0, code
-        self._live[slots], self._dirty[slots] = True, True
-        return ids
+        return self._new_ids(n, ids), code, size
 
     def _new_ids(self, n, ids) -> np.ndarray:
         if ids is None:
@@ -194,22 +199,19 @@ class PageArena:
             n = int(n)
             if n > limits.pages_per_call_max:
                 raise InvalidPageError(f"{n} pages in one call is over limits.pages_per_call_max")
-            ids = np.arange(self._next_id, self._next_id + n, dtype=np.uint64)
-            self._next_id += n
-        else:
-            ids = np.ascontiguousarray(ids, dtype=np.uint64).reshape(-1)
-            if n is not None and int(n) != ids.size:
-                raise InvalidPageError(f"{n} pages asked for with {ids.size} ids")
-            if ids.size > limits.pages_per_call_max:
-                raise InvalidPageError(f"{ids.size} pages in one call is over "
-                                       "limits.pages_per_call_max")
-            if np.any(ids == _cpu.EMPTY_KEY):
-                raise InvalidPageError("page id 2**64-1 is reserved", page=int(_cpu.EMPTY_KEY))
-            uniq = np.unique(ids)
-            if uniq.size != ids.size:
-                dup = uniq[np.flatnonzero(np.bincount(np.searchsorted(uniq, ids)) > 1)[0]]
-                raise InvalidPageError(f"page id {int(dup)} given twice", page=int(dup))
-            self._next_id = max(self._next_id, int(uniq[-1]) + 1) if uniq.size else self._next_id
+            return np.arange(self._next_id, self._next_id + n, dtype=np.uint64)
+        ids = np.ascontiguousarray(ids, dtype=np.uint64).reshape(-1)
+        if n is not None and int(n) != ids.size:
+            raise InvalidPageError(f"{n} pages asked for with {ids.size} ids")
+        if ids.size > limits.pages_per_call_max:
+            raise InvalidPageError(f"{ids.size} pages in one call is over "
+                                   "limits.pages_per_call_max")
+        if np.any(ids == _cpu.EMPTY_KEY):
+            raise InvalidPageError("page id 2**64-1 is reserved", page=int(_cpu.EMPTY_KEY))
+        uniq = np.unique(ids)
+        if uniq.size != ids.size:
+            dup = uniq[np.flatnonzero(np.bincount(np.searchsorted(uniq, ids)) > 1)[0]]
+            raise InvalidPageError(f"page id {int(dup)} given twice", page=int(dup))
         self._refuse_existing(ids)
         return ids
 
@@ -281,14 +283,18 @@ class PageArena:
         self._top = used
         self._free_extents.clear()
 
-    def free_pages(self, page_ids) -> None:
-        """Free pages; all must exist (UnknownPageError otherwise, and nothing is freed)."""
+    def check_free(self, page_ids) -> tuple[np.ndarray, np.ndarray]:
+        """Validate a free without changing anything: (ids, their slots)."""
         ids = np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1)
-        if ids.size == 0:
-            return
         if np.unique(ids).size != ids.size:
             raise InvalidPageError("free_pages got the same id twice")
-        slots = self.slots_of(ids)
+        return ids, self.slots_of(ids)
+
+    def free_pages(self, page_ids) -> None:
+        """Free pages; all must exist (UnknownPageError otherwise, and nothing is freed)."""
+        ids, slots = self.check_free(page_ids)
+        if ids.size == 0:
+            return
         _cpu.index_delete(self._keys, self._vals, ids)
         self._count -= ids.size
         self._live[slots] = False

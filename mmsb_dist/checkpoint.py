@@ -134,6 +134,9 @@ class CheckpointInfo:
     compression: str | None
     files: tuple[CheckpointFile, ...]
     filesystem: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
+    # What the owner of the checkpoint keeps beside the pages (JSON values), e.g. a shard engine's
+    # sealed epochs and delta-id high-water marks. Covered by the manifest checksum.
+    extra: dict = field(default_factory=dict, compare=False)
 
     @property
     def stored_bytes(self) -> int:
@@ -263,11 +266,12 @@ def _info_from_manifest(body: dict, path: str, dir_path: str, fs) -> CheckpointI
               and compression in _COMPRESSIONS and any(f.name == DATA_FILE for f in files))
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise SerializationError(f"{path}: malformed manifest fields: {exc}") from exc
-    if not ok:
+    extra = body.get("extra", {})
+    if not ok or not isinstance(extra, dict):
         raise SerializationError(f"{path}: malformed manifest fields")
     return CheckpointInfo(dir_path, u64("shard"), u64("epoch"), u64("lsn"), int(state_hash, 16),
                           u64("page_count"), u64("page_bytes"), u64("next_id"), compression, files,
-                          fs)
+                          fs, extra)
 
 
 def _load_info(fs, dir_path: str) -> CheckpointInfo:
@@ -373,7 +377,8 @@ def _publish(fs, dir_path: str, name: str, produce) -> CheckpointFile:
 
 def write_checkpoint(snapshot: ArenaSnapshot, location, *, shard: int, epoch: int, lsn: int,
                      state_hash: int, compression: str | None = None,
-                     filesystem: pafs.FileSystem | None = None) -> CheckpointInfo:
+                     filesystem: pafs.FileSystem | None = None,
+                     extra: dict | None = None) -> CheckpointInfo:
     """Write ``snapshot`` as the checkpoint of ``shard`` at ``epoch`` (holding every delta with
     LSN < ``lsn``) under ``location`` (a directory or a URI pyarrow.fs understands; or a path in
     ``filesystem``). Returns its CheckpointInfo once published. Idempotent for the same state;
@@ -421,11 +426,12 @@ def write_checkpoint(snapshot: ArenaSnapshot, location, *, shard: int, epoch: in
         "compression": compression,
         "files": [{"name": data_file.name, "bytes": data_file.bytes,
                    "crc32c": f"{data_file.crc32c:08x}"}],
+        "extra": dict(extra or {}),
     }
     blob = _encode_manifest(body)
     _publish(fs, dir_path, MANIFEST_FILE, lambda sink: sink.write(blob))
     return CheckpointInfo(dir_path, shard, epoch, lsn, state_hash, n, page_bytes,
-                          int(snapshot.next_id), compression, (data_file,), fs)
+                          int(snapshot.next_id), compression, (data_file,), fs, dict(extra or {}))
 
 
 def _existing(fs, dir_path: str) -> CheckpointInfo | None:
@@ -805,7 +811,7 @@ class CheckpointWriter:
                        "bytes_written": 0}
 
     def submit(self, snapshot: ArenaSnapshot, *, shard: int, epoch: int, lsn: int,
-               state_hash: int, timeout: float | None = None) -> Future:
+               state_hash: int, timeout: float | None = None, extra: dict | None = None) -> Future:
         if self._closed:
             raise RuntimeError("CheckpointWriter is closed")
         _check_snapshot(snapshot, state_hash)  # a caller's mistake surfaces here, not in a future
@@ -816,7 +822,7 @@ class CheckpointWriter:
             self._stats["pending"] += 1
         try:
             return self._pool.submit(self._write, snapshot, dict(
-                shard=shard, epoch=epoch, lsn=lsn, state_hash=state_hash))
+                shard=shard, epoch=epoch, lsn=lsn, state_hash=state_hash, extra=extra))
         except BaseException:
             with self._lock:
                 self._stats["submitted"] -= 1

@@ -1,0 +1,383 @@
+"""One shard without Ray: a page arena, its ordered log and its checkpoints, joined.
+
+The contract, in the order the steps happen (the order is what makes a crash harmless):
+
+1. Validate the whole request (a delta batch, a create, a free) against the page table. A bad one
+   raises its typed error and changes nothing, on disk or in memory.
+2. Append it to the log (write-ahead). ``append`` returns once the frame is durable under the fsync
+   policy; a crash before that loses a request that was never acknowledged.
+3. Apply it to the arena, in LSN order (one lock orders 2 and 3 together).
+4. Acknowledge with its LSN range (:class:`Ack`). A batch whose delta id (client, seq) was already
+   applied is acknowledged as a duplicate and not applied again.
+5. ``seal(epoch)`` records the LSN cut and the state hash in the log as a seal record and syncs the
+   log: from then on that epoch is a durable, consistent cut of this shard.
+6. ``checkpoint`` snapshots the arena at a sealed epoch (a host copy, taken under the lock) and
+   writes it in the background; ``compact`` drops log segments and checkpoints older than the
+   retention window.
+
+Recovery (on open): the newest checkpoint, then every logged frame after its cut, replayed in LSN
+order; a torn log tail is truncated by the log, any other damage raises CorruptionError.
+Replay to a sealed epoch builds a scratch arena the same way, stopping at the epoch's cut, and must
+reproduce the recorded state hash exactly. Log frames hold either an Arrow IPC delta batch (it
+begins with the IPC continuation marker ``ff ff ff ff``) or a msgpack control record (a map:
+``create``, ``free``, ``seal``); docs/engine.md has the details.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from mmsb_dist import checkpoint as ckpt
+from mmsb_dist.arena import DTYPES, PageArena
+from mmsb_dist.backend import Backend, get_backend
+from mmsb_dist.delta import DeltaBatch
+from mmsb_dist.errors import CorruptionError, EpochError, MmsbError
+from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
+from mmsb_dist.log import LogPartition
+
+__all__ = ["ShardEngine", "Ack", "Seal"]
+
+_ARROW_MARK = b"\xff\xff\xff\xff"
+
+
+@dataclass(frozen=True)
+class Ack:
+    """A durable acknowledgement: the batch holds LSNs [first_lsn, first_lsn + count)."""
+
+    first_lsn: int
+    count: int
+    epoch: int
+    duplicate: bool = False
+
+    @property
+    def last_lsn(self) -> int:
+        return self.first_lsn + self.count - 1
+
+
+@dataclass(frozen=True)
+class Seal:
+    """Epoch ``epoch`` of this shard: every frame with LSN < ``cut``, state hash ``state_hash``."""
+
+    epoch: int
+    cut: int
+    state_hash: int
+
+
+class _Replica:
+    """What replaying frames builds: an arena plus the bookkeeping that travels with it."""
+
+    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int]):
+        self.arena = arena
+        self.seals = seals
+        self.hwm = hwm  # client id -> highest batch seq applied
+
+    def apply_frame(self, frame, where: str) -> Seal | None:
+        """Apply one logged frame; returns the Seal when the frame is a seal record."""
+        payload = frame.payload
+        if bytes(payload[:4]) == _ARROW_MARK:
+            batch = decode_deltas(payload)
+            try:
+                slots, dest = self.arena.validate(batch)
+            except MmsbError as exc:  # it applied once: the log or its replay order is damaged
+                raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
+                                      f"{exc}", path=where) from exc
+            self.arena.apply_validated(batch, slots, dest, frame.first_lsn + frame.lsn_count - 1)
+            if batch.client_id:
+                self.hwm[batch.client_id] = max(self.hwm.get(batch.client_id, 0), batch.seq)
+            return None
+        msg = unpack_control(bytes(payload))
+        kind = msg["k"]
+        if kind == "create":
+            self.arena.create_pages(size=msg["size"], dtype=msg["dtype"],
+                                    ids=np.frombuffer(msg["ids"], dtype="<u8"))
+        elif kind == "free":
+            self.arena.free_pages(np.frombuffer(msg["ids"], dtype="<u8"))
+        elif kind == "seal":
+            seal = Seal(msg["epoch"], msg["cut"], msg["hash"])
+            self.seals[seal.epoch] = seal
+            return seal
+        else:
+            raise CorruptionError(f"unknown control record {kind!r} at LSN {frame.first_lsn}",
+                                  path=where)
+        return None
+
+
+class ShardEngine:
+    """A durable shard: see the module docstring for the contract.
+
+    ``path`` holds the log (``path/log``); checkpoints go to ``checkpoints`` (a directory or a
+    pyarrow.fs URI, default ``path/checkpoints``). Thread-safe: one lock orders log and apply.
+    """
+
+    def __init__(self, path, *, shard: int = 0, backend: Backend | str = "auto",
+                 fsync: str = "always", fsync_interval_ms: float = 5.0,
+                 segment_bytes_max: int | None = None, checkpoints=None, filesystem=None,
+                 compression: str | None = None):
+        self.path = os.fspath(path)
+        self.shard = int(shard)
+        self.backend = get_backend(backend) if isinstance(backend, str) else backend
+        self.checkpoints = checkpoints or os.path.join(self.path, "checkpoints")
+        self._fs = filesystem
+        self._lock = threading.RLock()
+        log_kw = {} if segment_bytes_max is None else {"segment_bytes_max": segment_bytes_max}
+        os.makedirs(self.path, exist_ok=True)
+        self.log = LogPartition(os.path.join(self.path, "log"), fsync=fsync,
+                                fsync_interval_ms=fsync_interval_ms, **log_kw)
+        try:
+            self._state, self._seal_lsn = self._recover()
+        except BaseException:
+            self.log.close()
+            raise
+        self._writer = ckpt.CheckpointWriter(self.checkpoints, filesystem=filesystem,
+                                             compression=compression)
+        self._asof: tuple[int, PageArena] | None = None  # the last replayed epoch, for reads
+        self._closed = False
+
+    # ---- recovery and replay --------------------------------------------------------------------
+
+    def _start(self, at_or_before: int | None) -> tuple[_Replica, int]:
+        """A replica at the newest checkpoint (at or before an epoch), and the LSN to replay from."""
+        info = ckpt.latest_checkpoint(self.checkpoints, self.shard, at_or_before,
+                                      filesystem=self._fs)
+        if info is None:
+            if self.log.first_lsn > 0:
+                raise EpochError(f"shard {self.shard}: the log starts at LSN {self.log.first_lsn} "
+                                 "and no checkpoint covers what came before"
+                                 + ("" if at_or_before is None else
+                                    f" (epoch {at_or_before} is no longer retained)"))
+            return _Replica(PageArena(self.backend), {}, {}), 0
+        snap, info = ckpt.read_checkpoint(info, filesystem=self._fs)
+        if info.lsn < self.log.first_lsn or info.lsn > self.log.next_lsn:
+            raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
+                                  f"holds [{self.log.first_lsn}, {self.log.next_lsn})",
+                                  path=info.path)
+        seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
+        hwm = {int(c): s for c, s in info.extra.get("hwm", {}).items()}
+        return _Replica(PageArena.from_snapshot(snap, self.backend), seals, hwm), info.lsn
+
+    def _recover(self) -> tuple[_Replica, int]:
+        replica, lsn = self._start(None)
+        seal_lsn = -1
+        for frame in self.log.read(lsn):
+            if replica.apply_frame(frame, self.log.path) is not None:
+                seal_lsn = frame.first_lsn
+        return replica, seal_lsn
+
+    def replay(self, epoch: int) -> PageArena:
+        """A new arena holding this shard's state at sealed ``epoch`` (checkpoint + log suffix),
+        beside the live one. Raises CorruptionError unless it reproduces the recorded hash."""
+        with self._lock:
+            seal = self._seal(epoch)
+        replica, lsn = self._start(epoch)
+        for frame in self.log.read(lsn, seal.cut):
+            if frame.first_lsn >= seal.cut:
+                break
+            replica.apply_frame(frame, self.log.path)
+        got = replica.arena.state_hash()
+        if got != seal.state_hash:
+            raise CorruptionError(f"replay of shard {self.shard} to epoch {epoch} gives state hash "
+                                  f"{got:016x}, sealed {seal.state_hash:016x}", path=self.log.path)
+        return replica.arena
+
+    def _seal(self, epoch: int) -> Seal:
+        if epoch == 0:
+            return Seal(0, 0, PageArena(get_backend("numpy")).state_hash())
+        seal = self._state.seals.get(int(epoch))
+        if seal is None:
+            raise EpochError(f"epoch {epoch} was never sealed on shard {self.shard} "
+                             f"(sealed: up to {self.last_sealed})")
+        return seal
+
+    # ---- writes ---------------------------------------------------------------------------------
+
+    @property
+    def arena(self) -> PageArena:
+        return self._state.arena
+
+    @property
+    def last_sealed(self) -> int:
+        return max(self._state.seals, default=0)
+
+    @property
+    def open_epoch(self) -> int:
+        """The epoch new writes belong to."""
+        return self.last_sealed + 1
+
+    def apply(self, batch) -> Ack:
+        """Validate, log (durably), apply, acknowledge. ``batch``: a DeltaBatch or its encoded bytes."""
+        return self.apply_many([batch])[0]
+
+    def apply_many(self, batches) -> list[Ack]:
+        """Several batches with one log write and one fsync, applied in order."""
+        with self._lock:
+            self._check_open()
+            items, acks, seen = [], [], dict(self._state.hwm)
+            for raw in batches:
+                payload = None if isinstance(raw, DeltaBatch) else raw
+                batch = raw if payload is None else decode_deltas(payload)
+                if batch.client_id and batch.seq <= seen.get(batch.client_id, 0):
+                    items.append(None)
+                    continue
+                slots, dest = self.arena.validate(batch)   # nothing is logged unless all are valid
+                if batch.client_id:
+                    seen[batch.client_id] = batch.seq
+                items.append((batch, payload if payload is not None else encode_deltas(batch),
+                              slots, dest))
+            epoch = self.open_epoch
+            firsts = iter(self.log.append_many([(it[1], epoch, len(it[0])) for it in items if it]))
+            for it in items:
+                if it is None:
+                    acks.append(Ack(-1, 0, epoch, duplicate=True))
+                    continue
+                batch, _, slots, dest = it
+                first = next(firsts)
+                self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
+                acks.append(Ack(first, len(batch), epoch))
+            self._state.hwm = seen
+            return acks
+
+    def create_pages(self, n: int | None = None, size: int = 4096, dtype="uint8",
+                     ids=None) -> np.ndarray:
+        """Create zeroed pages (logged first); returns their ids."""
+        with self._lock:
+            self._check_open()
+            ids, code, size = self.arena.check_create(n, size, dtype, ids)
+            if ids.size:
+                self._log_control("create", ids=ids.astype("<u8").tobytes(), size=size,
+                                  dtype=DTYPES[code])
+                self.arena.create_pages(ids=ids, size=size, dtype=DTYPES[code])
+            return ids
+
+    def free_pages(self, page_ids) -> None:
+        with self._lock:
+            self._check_open()
+            ids, _ = self.arena.check_free(page_ids)
+            if ids.size:
+                self._log_control("free", ids=ids.astype("<u8").tobytes())
+                self.arena.free_pages(ids)
+
+    def _log_control(self, kind: str, **fields) -> int:
+        return self.log.append(pack_control(kind, **fields), epoch=self.open_epoch, lsn_count=1)
+
+    # ---- epochs and checkpoints -----------------------------------------------------------------
+
+    def seal(self, epoch: int | None = None) -> Seal:
+        """Close the open epoch (or seal ``epoch``, which must be past the last sealed one):
+        records (cut, state hash) durably and returns them."""
+        with self._lock:
+            self._check_open()
+            epoch = self.open_epoch if epoch is None else int(epoch)
+            if epoch <= self.last_sealed:
+                raise EpochError(f"epoch {epoch} is not after the last sealed epoch "
+                                 f"{self.last_sealed} of shard {self.shard}")
+            seal = Seal(epoch, self.log.next_lsn, self.arena.state_hash())
+            self._seal_lsn = self._log_control("seal", epoch=seal.epoch, cut=seal.cut,
+                                               hash=seal.state_hash)
+            self.log.sync()  # a seal is durable whatever the fsync policy of writes
+            self._state.seals[epoch] = seal
+            return seal
+
+    def checkpoint(self, epoch: int | None = None, *, wait: bool = True):
+        """Checkpoint sealed ``epoch`` (default: the last). The live arena is copied when nothing
+        was written since that seal, else the epoch is replayed into a scratch arena first. Returns
+        the CheckpointInfo (or a Future of it with ``wait=False``)."""
+        with self._lock:
+            self._check_open()
+            epoch = self.last_sealed if epoch is None else int(epoch)
+            seal = self._seal(epoch)
+            if epoch == self.last_sealed and self.log.next_lsn == self._seal_lsn + 1:
+                snap, hwm = self.arena.snapshot(), dict(self._state.hwm)
+            else:
+                snap, hwm = None, None
+        if snap is None:  # outside the lock: replay reads the log and older checkpoints only
+            snap, hwm = self._replayed_snapshot(epoch)
+        seals = [[s.epoch, s.cut, s.state_hash] for s in self._state.seals.values()
+                 if s.epoch <= epoch]
+        future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
+                                     state_hash=seal.state_hash,
+                                     extra={"seals": seals, "hwm": {str(k): v for k, v in hwm.items()}})
+        return future.result() if wait else future
+
+    def _replayed_snapshot(self, epoch: int):
+        seal = self._seal(epoch)
+        replica, lsn = self._start(epoch)
+        for frame in self.log.read(lsn, seal.cut):
+            if frame.first_lsn >= seal.cut:
+                break
+            replica.apply_frame(frame, self.log.path)
+        return replica.arena.snapshot(), replica.hwm
+
+    def compact(self, retain_epochs: int) -> list[str]:
+        """Drop what time travel to the last ``retain_epochs`` sealed epochs does not need: log
+        segments below the newest checkpoint at or before that window, and older checkpoints.
+        Returns the removed log segments."""
+        horizon = self.last_sealed - int(retain_epochs)
+        keep = ckpt.latest_checkpoint(self.checkpoints, self.shard, max(horizon, 0),
+                                      filesystem=self._fs) if horizon > 0 else None
+        if keep is None:
+            return []
+        for info in ckpt.list_checkpoints(self.checkpoints, self.shard, filesystem=self._fs):
+            if info.epoch < keep.epoch:
+                ckpt.delete_checkpoint(info, filesystem=self._fs)
+        return self.log.drop_before(keep.lsn)
+
+    # ---- reads ----------------------------------------------------------------------------------
+
+    def read(self, page_id: int, epoch: int | None = None) -> np.ndarray:
+        return self.read_many([page_id], epoch)[0]
+
+    def read_many(self, page_ids, epoch: int | None = None) -> list[np.ndarray]:
+        """Host copies of pages, live or as of a sealed epoch (without touching the live state)."""
+        if epoch is None:
+            with self._lock:
+                return self.arena.read_many(page_ids)
+        cached = self._asof
+        if cached is None or cached[0] != epoch:
+            cached = (epoch, self.replay(epoch))
+            self._asof = cached
+        return cached[1].read_many(page_ids)
+
+    def state_hash(self) -> int:
+        with self._lock:
+            return self.arena.state_hash()
+
+    def seals(self) -> list[Seal]:
+        with self._lock:
+            return sorted(self._state.seals.values(), key=lambda s: s.epoch)
+
+    def statistics(self) -> dict:
+        with self._lock:
+            return {"shard": self.shard, "backend": self.backend.name,
+                    "pages": self.arena.page_count, "page_bytes": self.arena.live_bytes,
+                    "arena_bytes": self.arena.capacity_bytes, "open_epoch": self.open_epoch,
+                    "last_sealed": self.last_sealed, "next_lsn": self.log.next_lsn,
+                    "log": self.log.statistics(), "checkpoints": self._writer.statistics()}
+
+    def validate_state(self) -> None:
+        self.arena.validate_state()
+        cuts = [s.cut for s in self.seals()]
+        assert cuts == sorted(cuts) and all(c <= self.log.next_lsn for c in cuts)
+
+    # ---- lifecycle ------------------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MmsbError(f"shard engine {self.path} is closed")
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._writer.close()
+        self.log.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
