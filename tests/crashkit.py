@@ -90,7 +90,7 @@ def _one_round(index: int, argv: Sequence[str], on_line: Callable[[str], None], 
             _kill_group(proc)
             proc.wait()
             reader.join()
-        while (line := lines.get()) is not None:   # printed before death: still acknowledged
+        while not eof and (line := lines.get()) is not None:  # printed before death: acknowledged
             on_line(line)
             count, last = count + 1, line
         if proc.returncode not in (-signal.SIGKILL, 0):
