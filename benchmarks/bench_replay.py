@@ -58,13 +58,13 @@ import tempfile
 import time
 
 import numpy as np
-from numba import njit
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crc32c                                                # noqa: E402
 import pyarrow as pa                                         # noqa: E402
 
 from mmsb_dist import _cpu                                   # noqa: E402
+from mmsb_dist.backend import _words as backend_words        # noqa: E402
 from mmsb_dist import checkpoint as ck                       # noqa: E402
 from mmsb_dist.arena import PageArena                        # noqa: E402
 from mmsb_dist.delta import DeltaBatch                       # noqa: E402
@@ -339,21 +339,6 @@ def run_rounds(bench: Bench, rounds: int) -> None:
 
 # ---- profile -------------------------------------------------------------------------------------
 
-@njit(nogil=True, cache=True)
-def _scatter_words(arena, arena64, dest, src, lengths, payload, payload64):
-    """What-if kernel (not the engine's): scatter_runs copying 8-byte words where the run's
-    destination, source and length are multiples of 8, bytes otherwise. Same result."""
-    for i in range(dest.shape[0]):
-        d, s, n = dest[i], src[i], lengths[i]
-        if (d | s | n) & 7 == 0:
-            dw, sw = d >> 3, s >> 3
-            for j in range(n >> 3):
-                arena64[dw + j] = payload64[sw + j]
-        else:
-            for j in range(n):
-                arena[d + j] = payload[s + j]
-
-
 def _timed_frames(frames):
     """Yield (frame, seconds the iterator took to produce it): log.read's pread + CRC32C."""
     it = iter(frames)
@@ -391,7 +376,7 @@ def _profile_once(bench: Bench) -> dict:
         "apply_validated", "state_hash_after", "log_read_crc_cold_alone", "crc_only_in_memory",
         "decode.ipc_open_read", "decode.arrow_validate_full", "batch_check",
         "apply.scatter_kernel_only"), 0.0)
-    w = dict.fromkeys(("scatter_runs_parallel_per_batch", "scatter_8byte_words",
+    w = dict.fromkeys(("scatter_runs_parallel_per_batch",
                        "memcpy_snapshot_into_fresh_memory", "memcpy_snapshot_into_touched_memory",
                        "page_hashes_whole_arena"), 0.0)
     p["live_arena_snapshot_copy"] = snapshot_copy
@@ -466,15 +451,13 @@ def _profile_once(bench: Bench) -> dict:
         # the suffix in order leaves the same bytes, so they run on the replayed arena (checked
         # again below). Decode and validate are not timed in these passes.
         buf = arena.buffer
-        buf64 = buf[: buf.size // 8 * 8].view(np.uint64)
+        words = backend_words(buf)
         kernels = {
             "apply.scatter_kernel_only": lambda b, d, src, ln: _cpu.scatter_runs(
-                buf, d, src, ln, b.payload),
+                buf, words, d, src, ln, b.payload, backend_words(b.payload)),
             "scatter_runs_parallel_per_batch": lambda b, d, src, ln: _cpu.scatter_runs_parallel(
-                buf, d, src, ln, b.payload, arena.backend.threads),
-            "scatter_8byte_words": lambda b, d, src, ln: _scatter_words(
-                buf, buf64, d, src, ln, b.payload,
-                b.payload[: b.payload.size // 8 * 8].view(np.uint64)),
+                buf, words, d, src, ln, b.payload, backend_words(b.payload),
+                arena.backend.threads),
         }
         for name, kernel in kernels.items():
             out = p if name in p else w
@@ -485,7 +468,7 @@ def _profile_once(bench: Bench) -> dict:
                 t0 = _now()
                 kernel(batch, dest, src, lengths)
                 out[name] += _now() - t0
-        del buf, buf64
+        del buf, words
         arena._dirty[:] = True   # the re-runs bypassed the page table: rehash every page
         assert arena.state_hash() == live_hash
     finally:
@@ -521,8 +504,8 @@ def profile(bench: Bench, reps: int) -> dict:
     tiny, ro = np.zeros(64, np.uint8), np.zeros(64, np.uint8)
     ro.flags.writeable = False
     one = np.zeros(1, np.int64)
-    _cpu.scatter_runs_parallel(tiny, one, one, one + 8, ro, 2)
-    _scatter_words(tiny, tiny.view(np.uint64), one, one, one + 8, ro, ro.view(np.uint64))
+    _cpu.scatter_runs_parallel(tiny, tiny.view(np.uint64), one, one, one + 8, ro,
+                               ro.view(np.uint64), 2)
     runs = [_profile_once(bench) for _ in range(reps)]
     med = lambda key: {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
     p = med("seconds")

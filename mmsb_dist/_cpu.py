@@ -24,22 +24,33 @@ _jit = njit(nogil=True, cache=True)
 
 
 @_jit
-def scatter_runs(arena, dest, src, lengths, payload):
-    # An explicit byte loop: LLVM vectorizes it, and it runs ~1.4x faster than slice assignment on
-    # random destinations (no per-run slice objects or overlap checks).
+def _copy_range(dst, d64, d, src, s64, s, n):
+    """dst[d:d+n] = src[s:s+n]; 8 bytes at a time where both sides and the length are 8-aligned
+    (``d64``/``s64``: the arrays viewed as uint64, or empty when unaligned). An explicit loop:
+    LLVM vectorizes it, and it beats slice assignment ~1.4x on random destinations."""
+    if d64.shape[0] and s64.shape[0] and ((d | s | n) & 7) == 0:
+        dw = d >> 3
+        sw = s >> 3
+        for j in range(n >> 3):
+            d64[dw + j] = s64[sw + j]
+    else:
+        for j in range(n):
+            dst[d + j] = src[s + j]
+
+
+@_jit
+def scatter_runs(arena, a64, dest, src, lengths, payload, p64):
     for i in range(dest.shape[0]):
-        d = dest[i]
-        s = src[i]
-        for j in range(lengths[i]):
-            arena[d + j] = payload[s + j]
+        _copy_range(arena, a64, dest[i], payload, p64, src[i], lengths[i])
 
 
 @njit(nogil=True, cache=True, parallel=True)
-def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
+def scatter_runs_parallel(arena, a64, dest, src, lengths, payload, p64, parts):
     """scatter_runs on ``parts`` threads. Thread k owns bytes [k*step, (k+1)*step) of the arena and
     walks every run in batch order, writing only the part inside its range: per-byte order is the
-    batch order, as in the reference, with no locks. Random destinations keep the threads even."""
-    step = (arena.shape[0] + parts - 1) // parts
+    batch order, as in the reference, with no locks. Random destinations keep the threads even.
+    ``step`` is a multiple of 8, so clipping keeps 8-byte alignment."""
+    step = ((arena.shape[0] + parts - 1) // parts + 7) & ~7
     for k in prange(parts):
         lo = k * step
         hi = min(arena.shape[0], lo + step)
@@ -48,18 +59,13 @@ def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
             a = max(d, lo)
             b = min(d + lengths[i], hi)
             if a < b:
-                s = src[i] + (a - d)
-                for j in range(b - a):
-                    arena[a + j] = payload[s + j]
+                _copy_range(arena, a64, a, payload, p64, src[i] + (a - d), b - a)
 
 
 @_jit
-def copy_runs(dst, dst_off, src, src_off, lengths):
+def copy_runs(dst, d64, dst_off, src, s64, src_off, lengths):
     for i in range(dst_off.shape[0]):
-        d = dst_off[i]
-        s = src_off[i]
-        n = lengths[i]
-        dst[d:d + n] = src[s:s + n]
+        _copy_range(dst, d64, dst_off[i], src, s64, src_off[i], lengths[i])
 
 
 @_jit

@@ -411,16 +411,24 @@ class PageArena:
 
     # ---- snapshots -----------------------------------------------------------------------------
 
-    def snapshot(self) -> ArenaSnapshot:
-        """A consistent host copy of every live page (gathered on the backend, one transfer)."""
+    def snapshot(self, reuse: np.ndarray | None = None) -> ArenaSnapshot:
+        """A consistent host copy of every live page (gathered on the backend, one transfer).
+        On the CPU backend ``reuse`` (the ``data`` of an earlier snapshot nobody reads any more)
+        is written over when large enough: fresh memory costs a page fault per 4 KiB."""
         slots = np.flatnonzero(self._live[: self._nslots])
         self._refresh_hashes()
         sizes = self._sizes[slots].copy()
         starts = np.zeros(slots.size + 1, np.int64)
         np.cumsum(sizes, out=starts[1:])
-        staging = self.backend.zeros(max(int(starts[-1]), 1))
+        total = max(int(starts[-1]), 1)
+        if (reuse is not None and self.backend.xp is np and reuse.base is not None
+                and reuse.base.size >= total):
+            staging = reuse.base[:total]
+        else:
+            staging = self.backend.zeros(total)
         self.backend.copy_runs(staging, starts[:-1], self._buf, self._offsets[slots], sizes)
-        data = np.array(self.backend.to_host(staging)[: int(starts[-1])], copy=True)
+        # The staging buffer is the copy (on the GPU, to_host makes the host one): no second copy.
+        data = self.backend.to_host(staging)[: int(starts[-1])]
         return ArenaSnapshot(self._ids[slots].copy(), sizes, self._versions[slots].copy(),
                              self._dtypes[slots].copy(), self._hashes[slots].copy(), data,
                              self._next_id)

@@ -216,6 +216,7 @@ def compose(*batches: DeltaBatch) -> DeltaBatch:
     effect. Pages appear in the order of their first delta.
     """
     from mmsb_dist import _cpu
+    from mmsb_dist.backend import get_backend
 
     batch = DeltaBatch.concat(batches)
     batch.check()
@@ -243,8 +244,9 @@ def compose(*batches: DeltaBatch) -> DeltaBatch:
             _cpu.merge_masked(data, dest[a:b], src[a:b], lengths[a:b], msrc, batch.payload, batch.masks)
             _cpu.merge_masked(cover, dest[a:b], src[a:b], lengths[a:b], msrc, ones, batch.masks)
         else:
-            _cpu.scatter_runs(data, dest[a:b], src[a:b], lengths[a:b], batch.payload)
-            _cpu.scatter_runs(cover, dest[a:b], src[a:b], lengths[a:b], ones)
+            cpu = get_backend("numpy")
+            cpu.scatter_runs(data, dest[a:b], src[a:b], lengths[a:b], batch.payload)
+            cpu.scatter_runs(cover, dest[a:b], src[a:b], lengths[a:b], ones)
     full = np.logical_and.reduceat(cover.astype(bool), base[:-1]) if span.size else np.zeros(0, bool)
     masked = ~full
     mlen = np.where(masked, (span + 7) // 8, 0)

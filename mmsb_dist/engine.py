@@ -135,6 +135,7 @@ class ShardEngine:
         self._writer = ckpt.CheckpointWriter(self.checkpoints, filesystem=filesystem,
                                              compression=compression)
         self._asof: tuple[int, PageArena] | None = None  # the last replayed epoch, for reads
+        self._last_snapshot = None  # (future, snapshot): its buffer is reused once written
         self._closed = False
 
     # ---- recovery and replay --------------------------------------------------------------------
@@ -290,7 +291,7 @@ class ShardEngine:
             epoch = self.last_sealed if epoch is None else int(epoch)
             seal = self._seal(epoch)
             if epoch == self.last_sealed and self.log.next_lsn == self._seal_lsn + 1:
-                snap, hwm = self.arena.snapshot(), dict(self._state.hwm)
+                snap, hwm = self.arena.snapshot(self._reusable_buffer()), dict(self._state.hwm)
             else:
                 snap, hwm = None, None
         if snap is None:  # outside the lock: replay reads the log and older checkpoints only
@@ -300,7 +301,15 @@ class ShardEngine:
         future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
                                      state_hash=seal.state_hash,
                                      extra={"seals": seals, "hwm": {str(k): v for k, v in hwm.items()}})
+        self._last_snapshot = (future, snap)
         return future.result() if wait else future
+
+    def _reusable_buffer(self):
+        """The last snapshot's buffer, once its checkpoint is written (nobody reads it then)."""
+        last, self._last_snapshot = self._last_snapshot, None
+        if last is not None and last[0].done():
+            return last[1].data
+        return None
 
     def _replayed_snapshot(self, epoch: int):
         seal = self._seal(epoch)
