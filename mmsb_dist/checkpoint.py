@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
-from mmsb_dist import _cpu
+from mmsb_dist import _cpu, limits
 from mmsb_dist.arena import DTYPES, ArenaSnapshot
 from mmsb_dist.backend import get_backend
 from mmsb_dist.errors import CorruptionError, EpochError, MmsbError, SerializationError
@@ -58,26 +58,6 @@ CHECKPOINT_FORMAT_VERSION = 1
 DATA_FILE = "pages.arrow"
 MANIFEST_FILE = "manifest.json"
 _TMP_SUFFIX = ".tmp"
-
-# -- limits (their home should be limits.py; kept here until the lead moves them) ---------------
-
-# Checkpoints submitted to a CheckpointWriter and not yet written, the one being written included.
-# Each pins one host copy of the shard's arena, so this bounds the writer's memory at that many
-# arenas; 2 lets the shard snapshot epoch e+1 while e is still on its way to disk, and more would
-# only queue memory behind a disk that is not keeping up.
-inflight_checkpoints_max = 2
-
-# Bytes handed to one write or read call (and to one CRC32C update). Large enough that per-call
-# overhead is noise next to the disk, small enough that the CRC of a piece stays in cache.
-checkpoint_io_chunk_bytes = 8 << 20
-
-# A manifest names a handful of files; anything larger is not one of ours (refused before parsing).
-manifest_bytes_max = 1 << 20
-
-# Threads recomputing page hashes where they are not fused with the read (compressed files, object
-# stores). The CPU kernel hashes ~5 GB/s per core and releases the GIL, so a few threads outrun any
-# disk or network; more than the cores only adds switching.
-restore_hash_threads_max = 4
 
 _SCHEMA_META = {b"mmsb.kind": b"checkpoint", b"mmsb.version": str(CHECKPOINT_FORMAT_VERSION).encode()}
 
@@ -279,10 +259,10 @@ def _load_info(fs, dir_path: str) -> CheckpointInfo:
     manifest), checked against the directory's own name."""
     path = _join(dir_path, MANIFEST_FILE)
     with fs.open_input_stream(path, compression=None) as f:
-        blob = f.read(manifest_bytes_max + 1)
-    if len(blob) > manifest_bytes_max:
-        raise CorruptionError(f"manifest is over manifest_bytes_max={manifest_bytes_max}",
-                              path=path, position=manifest_bytes_max)
+        blob = f.read(limits.manifest_bytes_max + 1)
+    if len(blob) > limits.manifest_bytes_max:
+        raise CorruptionError(f"manifest is over manifest_bytes_max={limits.manifest_bytes_max}",
+                              path=path, position=limits.manifest_bytes_max)
     info = _info_from_manifest(_decode_manifest(blob, path), path, dir_path, fs)
     m = re.search(r"shard-(\d{4,})/epoch-(\d{20})$", dir_path)
     if m and (int(m.group(1)), int(m.group(2))) != (info.shard, info.epoch):
@@ -307,8 +287,8 @@ class _ChecksummingSink:
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
-        for i in range(0, n, checkpoint_io_chunk_bytes):
-            piece = view[i:i + checkpoint_io_chunk_bytes]
+        for i in range(0, n, limits.checkpoint_io_chunk_bytes):
+            piece = view[i:i + limits.checkpoint_io_chunk_bytes]
             self.crc = crc32c.crc32c(piece, self.crc)
             self._out.write(piece)
         self.size += n
@@ -486,7 +466,7 @@ def _read_stream(fs, path: str, nbytes: int, verify: bool) -> tuple[np.ndarray, 
     crc, pos = 0, 0
     with fs.open_input_stream(path, compression=None) as f:
         while pos < nbytes:
-            got = f.readinto(view[pos:pos + checkpoint_io_chunk_bytes])
+            got = f.readinto(view[pos:pos + limits.checkpoint_io_chunk_bytes])
             if not got:
                 raise CorruptionError(f"file ends at byte {pos}, the manifest says {nbytes}",
                                       path=path, position=pos)
@@ -509,12 +489,13 @@ def _crc_and_hashes(buf: np.ndarray, snap: ArenaSnapshot | None, layout: _Layout
     data_at = None if layout is None else layout.data_at
     if snap is None or data_at is None or not hashes or snap.page_ids.size == 0:
         crc = 0
-        for i in range(0, buf.size, checkpoint_io_chunk_bytes):
-            crc = crc32c.crc32c(view[i:i + checkpoint_io_chunk_bytes], crc)
+        for i in range(0, buf.size, limits.checkpoint_io_chunk_bytes):
+            crc = crc32c.crc32c(view[i:i + limits.checkpoint_io_chunk_bytes], crc)
         return crc, None
     starts, sizes, n = snap.starts, snap.sizes, snap.page_ids.size
     out = np.empty(n, np.uint64)
-    cuts = np.append(np.searchsorted(starts, np.arange(0, starts[-1], checkpoint_io_chunk_bytes)), n)
+    chunk = limits.checkpoint_io_chunk_bytes
+    cuts = np.append(np.searchsorted(starts, np.arange(0, starts[-1], chunk)), n)
     cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]  # a page larger than a chunk: one group
     crc = crc32c.crc32c(view[:data_at])
     with ThreadPoolExecutor(1, thread_name_prefix="mmsb-restore-hash") as pool:
@@ -548,7 +529,7 @@ def _page_hashes(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.
     """All page hashes, over a few threads (the kernel releases the GIL)."""
     n = sizes.size
     out = np.empty(n, np.uint64)
-    threads = max(1, min(restore_hash_threads_max, os.cpu_count() or 1))
+    threads = max(1, min(limits.restore_hash_threads_max, os.cpu_count() or 1))
     targets = np.linspace(0, int(starts[-1]), threads + 1)[1:-1]
     cuts = sorted({0, n, *np.searchsorted(starts[:n + 1], targets).tolist()})
     parts = list(zip(cuts[:-1], cuts[1:]))
@@ -798,7 +779,9 @@ class CheckpointWriter:
 
     def __init__(self, location, *, filesystem: pafs.FileSystem | None = None,
                  compression: str | None = None,
-                 inflight_checkpoints_max: int = inflight_checkpoints_max):
+                 inflight_checkpoints_max: int | None = None):
+        if inflight_checkpoints_max is None:
+            inflight_checkpoints_max = limits.inflight_checkpoints_max
         if inflight_checkpoints_max < 1:
             raise ValueError("inflight_checkpoints_max must be at least 1")
         self._fs, self._root = _resolve(location, filesystem)

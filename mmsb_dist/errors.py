@@ -17,6 +17,10 @@ __all__ = [
     "CorruptionError",
     "GraphCycleError",
     "EpochError",
+    "LogError",
+    "LogClosedError",
+    "LogFailedError",
+    "LogBusyError",
 ]
 
 
@@ -106,3 +110,20 @@ class GraphCycleError(MmsbError, ValueError):
 class EpochError(MmsbError, RuntimeError):
     """The epoch protocol was driven out of order (sealing a past epoch, reading an epoch that was
     never committed or is no longer retained, a stale coordinator)."""
+
+
+class LogError(MmsbError, RuntimeError):
+    """A log partition cannot do what was asked (damage on disk is a CorruptionError instead)."""
+
+
+class LogClosedError(LogError):
+    """The partition was closed; open a new LogPartition to append or read."""
+
+
+class LogFailedError(LogError):
+    """A write or fsync failed. What reached the disk is unknown (and a failed fsync must not be
+    retried), so the partition refuses every later append; close and reopen it to recover."""
+
+
+class LogBusyError(LogError):
+    """Another open LogPartition, in this process or another, holds the directory."""

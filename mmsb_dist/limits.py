@@ -48,3 +48,42 @@ control_message_bytes_max = 1 << 20
 # from this many runs up; below it, starting the threads (~20 us) costs more than it saves. At 8 Ki
 # a 10k-delta batch (a typical logged frame) goes threaded: replay ran 2.5 -> 4.0 M deltas/s here.
 cpu_parallel_runs_min = 1 << 13
+
+# ---- log (mmsb_dist/log.py) ---------------------------------------------------------------------
+
+# A segment is the unit of retention and one file of the recovery scan. 64 MiB keeps the file count
+# low (16 per GiB of log) and lets drop_before free space in 64 MiB steps after a checkpoint; larger
+# delays reclaiming space, smaller means more files, more directory fsyncs and more rolls.
+segment_bytes_max = 64 << 20
+
+# One frame holds one batch: limits.batch_bytes_max (1 GiB) of delta bytes plus Arrow's columns
+# (~20 bytes per delta, < 100 MiB at limits.batch_deltas_max). 1.5 GiB leaves room, fits the u32
+# length field and stays under Linux's 0x7ffff000-byte cap on one read or write call.
+frame_payload_bytes_max = 3 << 29
+
+# The LSN count is a u32 in the header; limits.batch_deltas_max (4 Mi) is far below it.
+frame_lsns_max = (1 << 32) - 1
+
+# A leader writes at most this many bytes of queued frames as one group (one writev + one fsync);
+# what is left goes to the next group. Bounds the time one group makes the callers behind it wait.
+group_bytes_max = 64 << 20
+
+# ---- checkpoints (mmsb_dist/checkpoint.py) -------------------------------------------------------
+
+# Checkpoints submitted to a CheckpointWriter and not yet written, the one being written included.
+# Each pins one host copy of the shard's arena, so this bounds the writer's memory at that many
+# arenas; 2 lets the shard snapshot epoch e+1 while e is still on its way to disk, and more would
+# only queue memory behind a disk that is not keeping up.
+inflight_checkpoints_max = 2
+
+# Bytes handed to one write or read call (and to one CRC32C update). Large enough that per-call
+# overhead is noise next to the disk, small enough that the CRC of a piece stays in cache.
+checkpoint_io_chunk_bytes = 8 << 20
+
+# A manifest names a handful of files; anything larger is not one of ours (refused before parsing).
+manifest_bytes_max = 1 << 20
+
+# Threads recomputing page hashes where they are not fused with the read (compressed files, object
+# stores). The CPU kernel hashes ~5 GB/s per core and releases the GIL, so a few threads outrun any
+# disk or network; more than the cores only adds switching.
+restore_hash_threads_max = 4

@@ -39,7 +39,9 @@ from typing import Iterable, Iterator, NamedTuple
 
 import crc32c
 
-from mmsb_dist.errors import CorruptionError, MmsbError
+from mmsb_dist import limits
+from mmsb_dist.errors import (CorruptionError, LogBusyError, LogClosedError, LogError,
+                              LogFailedError)
 
 __all__ = [
     "LogPartition", "Frame", "SegmentInfo", "RecoveryReport", "FSYNC_POLICIES",
@@ -47,25 +49,6 @@ __all__ = [
 ]
 
 _logger = logging.getLogger(__name__)
-
-# ---- limits (their home is mmsb_dist/limits.py; they live here until that file takes them) ------
-
-# A segment is the unit of retention and one file of the recovery scan. 64 MiB keeps the file count
-# low (16 per GiB of log) and lets drop_before free space in 64 MiB steps after a checkpoint; larger
-# delays reclaiming space, smaller means more files, more directory fsyncs and more rolls.
-segment_bytes_max = 64 << 20
-
-# One frame holds one batch: limits.batch_bytes_max (1 GiB) of delta bytes plus Arrow's columns
-# (~20 bytes per delta, < 100 MiB at limits.batch_deltas_max). 1.5 GiB leaves room, fits the u32
-# length field and stays under Linux's 0x7ffff000-byte cap on one read or write call.
-frame_payload_bytes_max = 3 << 29
-
-# The LSN count is a u32 in the header; limits.batch_deltas_max (4 Mi) is far below it.
-frame_lsns_max = (1 << 32) - 1
-
-# A leader writes at most this many bytes of queued frames as one group (one writev + one fsync);
-# what is left goes to the next group. Bounds the time one group makes the callers behind it wait.
-group_bytes_max = 64 << 20
 
 # ---- frame format --------------------------------------------------------------------------------
 
@@ -84,23 +67,6 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 102
 # The call that makes a segment's bytes durable. fdatasync also persists the file size that appends
 # change. A module attribute so that tests can slow it down (to force group commit) or make it fail.
 _datasync = os.fdatasync
-
-
-class LogError(MmsbError, RuntimeError):
-    """A log partition cannot do what was asked (damage on disk is a CorruptionError instead)."""
-
-
-class LogClosedError(LogError):
-    """The partition was closed; open a new LogPartition to append or read."""
-
-
-class LogFailedError(LogError):
-    """A write or fsync failed. What reached the disk is unknown (and a failed fsync must not be
-    retried), so the partition refuses every later append; close and reopen it to recover."""
-
-
-class LogBusyError(LogError):
-    """Another open LogPartition, in this process or another, holds the directory."""
 
 
 class Frame(NamedTuple):
@@ -178,13 +144,14 @@ def _prepare(payload, epoch, lsn_count) -> tuple[memoryview, int, int, int]:
     if view.format != "B" or view.ndim != 1:
         view = view.cast("B")
     epoch, lsn_count = operator.index(epoch), operator.index(lsn_count)
-    if view.nbytes > frame_payload_bytes_max:
+    if view.nbytes > limits.frame_payload_bytes_max:
         raise ValueError(f"payload of {view.nbytes} bytes is over frame_payload_bytes_max "
-                         f"({frame_payload_bytes_max})")
+                         f"({limits.frame_payload_bytes_max})")
     if not 0 <= epoch <= _U64_MAX:
         raise ValueError(f"epoch {epoch} is not a u64")
-    if not 1 <= lsn_count <= frame_lsns_max:
-        raise ValueError(f"lsn_count {lsn_count} is outside [1, frame_lsns_max={frame_lsns_max}]")
+    if not 1 <= lsn_count <= limits.frame_lsns_max:
+        raise ValueError(f"lsn_count {lsn_count} is outside "
+                         f"[1, frame_lsns_max={limits.frame_lsns_max}]")
     return view, crc32c.crc32c(view), epoch, lsn_count
 
 
@@ -343,8 +310,10 @@ class LogPartition:
     """
 
     def __init__(self, path, *, fsync: str = "always", fsync_interval_ms: float = 5.0,
-                 segment_bytes_max: int = segment_bytes_max, create: bool = True,
+                 segment_bytes_max: int | None = None, create: bool = True,
                  start_lsn: int | None = None):
+        if segment_bytes_max is None:
+            segment_bytes_max = limits.segment_bytes_max
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync={fsync!r}; expected one of {FSYNC_POLICIES}")
         if not fsync_interval_ms > 0 or segment_bytes_max < 1:
@@ -476,7 +445,7 @@ class LogPartition:
     def _take_group(self) -> list:
         taken = nbytes = 0
         for _, _, size in self._pending:
-            if taken and nbytes + size > group_bytes_max:
+            if taken and nbytes + size > limits.group_bytes_max:
                 break
             taken, nbytes = taken + 1, nbytes + size
         group = self._pending[:taken]
