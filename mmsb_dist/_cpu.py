@@ -8,6 +8,9 @@ per delta. ``nogil=True`` lets a shard apply one batch while another thread writ
 
 from __future__ import annotations
 
+import os
+
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -19,6 +22,17 @@ _P1 = np.uint64(HASH_P1)
 _P2 = np.uint64(HASH_P2)
 _S33 = np.uint64(33)
 EMPTY_KEY = np.uint64(0xFFFFFFFFFFFFFFFF)  # reserved: no page may have this id
+
+def _cache_dir() -> str:
+    """Where compiled kernels are cached: $NUMBA_CACHE_DIR if set, else the user's cache directory.
+    Never next to the installed package: files pip did not install outlive an uninstall there, and
+    the leftover directory then shadows a later install as a namespace package."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("NUMBA_CACHE_DIR") or os.path.join(base, "mmsb-dist", "numba")
+
+
+if not numba.config.CACHE_DIR:  # read when each cached function below is defined
+    numba.config.CACHE_DIR = _cache_dir()
 
 _jit = njit(nogil=True, cache=True)
 
