@@ -26,7 +26,6 @@ restore with full verification >= 70% of raw read (reported against both raw rea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -38,23 +37,13 @@ import time
 import numpy as np
 import pyarrow as pa
 
+from _common import evict, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from mmsb_dist import PageArena
 from mmsb_dist import checkpoint as ck
 
 CHUNK = 8 << 20
 PAGE = 4096
 TARGET = 0.70
-
-
-def _evict(path: str) -> None:
-    for root, _, files in os.walk(path) if os.path.isdir(path) else [("", None, [path])]:
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _settle() -> None:
@@ -130,10 +119,10 @@ def run(quick: bool, workdir: str) -> dict:
     def raw_side():
         _settle()
         times["raw_write"].append(_raw_write(raw_path, snap.data))
-        _evict(raw_path)
+        evict(raw_path)
         _settle()
         times["raw_read_copy"].append(_raw_read(raw_path, readback))
-        _evict(raw_path)
+        evict(raw_path)
         _settle()
         times["raw_read_mmap"].append(_raw_mmap(raw_path))
         os.unlink(raw_path)
@@ -145,14 +134,14 @@ def run(quick: bool, workdir: str) -> dict:
         times["ckpt_write"].append(time.perf_counter() - t0)
         for key, kwargs in (("restore_full", {}), ("restore_crc", {"verify_hashes": False}),
                             ("restore_none", {"verify": False})):
-            _evict(info.path)
+            evict(info.path)
             _settle()
             t0 = time.perf_counter()
             back, _ = ck.read_checkpoint(info, **kwargs)
             times[key].append(time.perf_counter() - t0)
             assert back.state_hash() == state_hash
             del back
-        _evict(info.path)
+        evict(info.path)
         t0 = time.perf_counter()
         restored = PageArena.from_snapshot(ck.read_checkpoint(info)[0], "numpy")
         times["restore_arena"].append(time.perf_counter() - t0)
@@ -180,7 +169,7 @@ def run(quick: bool, workdir: str) -> dict:
         info = ck.write_checkpoint(snap, root, shard=0, epoch=100, lsn=1, state_hash=state_hash,
                                    compression=codec)
         w = time.perf_counter() - t0
-        _evict(info.path)
+        evict(info.path)
         t0 = time.perf_counter()
         ck.read_checkpoint(info)
         r = time.perf_counter() - t0
@@ -259,9 +248,7 @@ def main(argv=None) -> int:
           f"{rep['restore_vs_read']:.0%} of read(), {rep['restore_vs_mmap']:.0%} of mmap")
     print("read figures: pages were dropped with posix_fadvise(DONTNEED) after fsync; a kernel or "
           "hypervisor cache may still serve some of them")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
+    write_json(args.out, res)
     return 0
 
 

@@ -13,7 +13,6 @@ All data is random and non-zero; medians of repeated runs after warm-up.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
@@ -22,6 +21,7 @@ import time
 
 import numpy as np
 
+from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from mmsb_dist import DeltaBatch, PageArena
 from mmsb_dist.backend import get_backend, gpu_available
 
@@ -271,10 +271,7 @@ def main(argv=None) -> int:
     if gpu_available() and not args.no_gpu:
         res["gpu"] = bench_gpu(args.quick)
     print(_table(res))
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as fh:
-        json.dump(res, fh, indent=2)
-    print(f"wrote {args.out}")
+    write_json(args.out, res)
     return 0
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import os
 import platform
 import shutil
@@ -36,6 +35,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from _common import write_json                          # noqa: E402
 from mmsb_dist.delta import DeltaBatch                  # noqa: E402
 from mmsb_dist.formats import decode_deltas, encode_deltas   # noqa: E402
 from mmsb_dist.log import LogPartition                  # noqa: E402
@@ -308,10 +308,7 @@ def main() -> int:
                                 "4_threads": log4["deltas_per_s"] / redis_rate}
                                if redis_rate else None),
               "seconds": time.perf_counter() - started}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out} ({result['seconds']:.1f} s)")
+    write_json(args.out, result, result["seconds"])
     return 0
 
 

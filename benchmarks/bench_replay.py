@@ -47,7 +47,6 @@ read() bandwidth (bytes = checkpoint file + log suffix); engine.replay >= 2M del
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shutil
@@ -63,6 +62,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crc32c                                                # noqa: E402
 import pyarrow as pa                                         # noqa: E402
 
+from _common import evict, write_json                        # noqa: E402
 from mmsb_dist import _cpu                                   # noqa: E402
 from mmsb_dist.backend import _words as backend_words        # noqa: E402
 from mmsb_dist import checkpoint as ck                       # noqa: E402
@@ -93,20 +93,6 @@ PROFILE_REPS = (2, 3)
 
 def _now() -> float:
     return time.perf_counter()
-
-
-def _evict(path: str) -> None:
-    """fsync + drop from the page cache every file under ``path`` (or ``path`` itself)."""
-    walk = os.walk(path) if os.path.isdir(path) else [(os.path.dirname(path), None,
-                                                       [os.path.basename(path)])]
-    for root, _, files in walk:
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def _batch(rng, pages: int, seq: int) -> DeltaBatch:
@@ -271,10 +257,10 @@ class Bench:
         os.unlink(self.raw_path)
         os.sync()
         self.samples["raw_write"].append(raw_write(self.raw_path, self.raw_bytes, self.chunk))
-        _evict(self.raw_path)
+        evict(self.raw_path)
         os.sync()
         self.samples["raw_read"].append(raw_read(self.raw_path, self.readback))
-        _evict(self.raw_path)
+        evict(self.raw_path)
         self.samples["raw_mmap"].append(raw_mmap(self.raw_path))
         os.unlink(self.raw_path)
         # Memory that this process has not touched yet: what a restore's new arena costs to fill.
@@ -302,7 +288,7 @@ class Bench:
     def phase_restore(self) -> None:
         before = self.eng.state_hash()
         self.eng.close()
-        _evict(self.path)
+        evict(self.path)
         os.sync()
         t0 = _now()
         self.eng = _engine(self.path)
@@ -380,7 +366,7 @@ def _profile_once(bench: Bench) -> dict:
                        "memcpy_snapshot_into_fresh_memory", "memcpy_snapshot_into_touched_memory",
                        "page_hashes_whole_arena"), 0.0)
     p["live_arena_snapshot_copy"] = snapshot_copy
-    _evict(bench.path)
+    evict(bench.path)
     os.sync()
 
     t0 = _now()
@@ -423,7 +409,7 @@ def _profile_once(bench: Bench) -> dict:
         assert got == live_hash, f"profiled replay gives {got:016x}, live state {live_hash:016x}"
 
         # The log alone: one cold pass (had there been no recovery scan), CRC32C alone.
-        _evict(logdir)
+        evict(logdir)
         os.sync()
         for fr, dt in _timed_frames(log.read(info.lsn)):
             p["log_read_crc_cold_alone"] += dt
@@ -692,10 +678,7 @@ def main() -> int:
                      "profile_hash_equals_live": True},
         "seconds": _now() - started,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=2)
-    print(f"wrote {args.out} ({result['seconds']:.1f} s)")
+    write_json(args.out, result, result["seconds"])
     return 0
 
 

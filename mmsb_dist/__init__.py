@@ -7,6 +7,7 @@ modules whose name starts with an underscore, and any name not listed here, is p
 from mmsb_dist.arena import DTYPES, PageArena, PageInfo
 from mmsb_dist.backend import Backend, get_backend, gpu_available
 from mmsb_dist.delta import DeltaBatch, compose, diff
+from mmsb_dist.engine import Ack, Seal, ShardEngine
 from mmsb_dist.errors import (
     CapacityError,
     CorruptionError,
@@ -37,6 +38,7 @@ __all__ = [
     "DTYPES", "PageArena", "PageInfo",
     "Backend", "get_backend", "gpu_available",
     "DeltaBatch", "compose", "diff",
+    "ShardEngine", "Ack", "Seal",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
     "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",

@@ -171,13 +171,7 @@ class ShardEngine:
     def replay(self, epoch: int) -> PageArena:
         """A new arena holding this shard's state at sealed ``epoch`` (checkpoint + log suffix),
         beside the live one. Raises CorruptionError unless it reproduces the recorded hash."""
-        with self._lock:
-            seal = self._seal(epoch)
-        replica, lsn = self._start(epoch)
-        for frame in self.log.read(lsn, seal.cut):
-            if frame.first_lsn >= seal.cut:
-                break
-            replica.apply_frame(frame, self.log.path)
+        seal, replica = self._replica_at(epoch)
         got = replica.arena.state_hash()
         if got != seal.state_hash:
             raise CorruptionError(f"replay of shard {self.shard} to epoch {epoch} gives state hash "
@@ -312,13 +306,19 @@ class ShardEngine:
         return None
 
     def _replayed_snapshot(self, epoch: int):
-        seal = self._seal(epoch)
+        _, replica = self._replica_at(epoch)
+        return replica.arena.snapshot(), replica.hwm
+
+    def _replica_at(self, epoch: int) -> tuple[Seal, _Replica]:
+        """The newest checkpoint at or before ``epoch`` plus the log up to the epoch's cut."""
+        with self._lock:
+            seal = self._seal(epoch)
         replica, lsn = self._start(epoch)
         for frame in self.log.read(lsn, seal.cut):
             if frame.first_lsn >= seal.cut:
                 break
             replica.apply_frame(frame, self.log.path)
-        return replica.arena.snapshot(), replica.hwm
+        return seal, replica
 
     def compact(self, retain_epochs: int) -> list[str]:
         """Drop what time travel to the last ``retain_epochs`` sealed epochs does not need: log

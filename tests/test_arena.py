@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from mmsb_dist import (CapacityError, DeltaBatch, InvalidPageError, PageArena, UnknownPageError,
+from mmsb_dist import (CapacityError, InvalidPageError, PageArena, UnknownPageError,
                        limits)
 from mmsb_dist.arena import DTYPES
 from oracle import PageOracle, random_batch

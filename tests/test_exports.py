@@ -6,6 +6,7 @@ PUBLIC = {
     "DTYPES", "PageArena", "PageInfo",
     "Backend", "get_backend", "gpu_available",
     "DeltaBatch", "compose", "diff",
+    "ShardEngine", "Ack", "Seal",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
     "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",

@@ -1,6 +1,5 @@
 """Event batches and control messages (delta batches are covered by test_deltas.py)."""
 
-import numpy as np
 import pytest
 
 from mmsb_dist import (DeltaBatch, EventKind, SerializationError, decode_events, encode_events,
