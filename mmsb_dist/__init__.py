@@ -34,11 +34,22 @@ from mmsb_dist.formats import (
 
 __version__ = "0.1.0"
 
+# The runtime needs Ray; import it on first use so that the engine alone stays light.
+_RUNTIME = ("start", "connect", "stop", "Bus")
+
+
+def __getattr__(name):
+    if name in _RUNTIME:
+        from mmsb_dist import runtime
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'mmsb_dist' has no attribute {name!r}")
+
 __all__ = [
     "DTYPES", "PageArena", "PageInfo",
     "Backend", "get_backend", "gpu_available",
     "DeltaBatch", "compose", "diff",
     "ShardEngine", "Ack", "Seal",
+    "start", "connect", "stop", "Bus",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
     "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",

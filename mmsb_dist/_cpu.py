@@ -216,6 +216,25 @@ def index_lookup(keys, vals, ids, out):
 
 
 @_jit
+def index_present(keys, ids, out):
+    """out[i] = whether ids[i] is in the index."""
+    mask = np.uint64(keys.shape[0] - 1)
+    for i in range(ids.shape[0]):
+        k = ids[i]
+        h = _fmix64(k) & mask
+        found = False
+        while True:
+            cur = keys[h]
+            if cur == k:
+                found = True
+                break
+            if cur == EMPTY_KEY:
+                break
+            h = (h + np.uint64(1)) & mask
+        out[i] = found
+
+
+@_jit
 def index_find_any(keys, vals, ids, out):
     """Position in ``ids`` of the first id that is present (its slot in out[0]), or -1."""
     mask = np.uint64(keys.shape[0] - 1)

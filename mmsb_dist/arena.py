@@ -147,6 +147,13 @@ class PageArena:
             raise UnknownPageError(f"no page with id {int(ids[bad])}", page=int(ids[bad]))
         return out
 
+    def present(self, page_ids) -> np.ndarray:
+        """Whether each id names a live page."""
+        ids = np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1)
+        out = np.zeros(ids.size, bool)
+        _cpu.index_present(self._keys, ids, out)
+        return out
+
     def info(self, page_id: int) -> PageInfo:
         s = int(self.slots_of([page_id])[0])
         return PageInfo(int(self._ids[s]), int(self._offsets[s]), int(self._sizes[s]),

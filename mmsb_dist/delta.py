@@ -40,6 +40,16 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
+def _gather(src: np.ndarray, src_starts, lengths, dst_starts) -> np.ndarray:
+    """Concatenate ``src[src_starts[i]:src_starts[i]+lengths[i]]`` for every i (one compiled pass)."""
+    from mmsb_dist.backend import get_backend
+
+    out = np.empty(int(dst_starts[-1]), dtype=np.uint8)
+    if out.size:
+        get_backend("numpy").copy_runs(out, dst_starts[:-1], src, src_starts, lengths)
+    return out
+
+
 def _pack_payloads(payloads, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(flat payload, starts) from a 2-D array (one row per delta) or a sequence of bytes-likes."""
     if isinstance(payloads, np.ndarray) and payloads.ndim == 2:
@@ -111,6 +121,17 @@ class DeltaBatch:
                    data_starts.astype(np.int64), np.concatenate([b.payload for b in batches]),
                    np.concatenate([b.masked for b in batches]), mask_starts.astype(np.int64),
                    np.concatenate([b.masks for b in batches]), client_id, seq)
+
+    def take(self, rows) -> "DeltaBatch":
+        """The deltas at ``rows`` (in that order) as a new batch with the same delta id."""
+        rows = np.asarray(rows, dtype=np.int64)
+        lengths = self.lengths[rows]
+        mlengths = np.diff(self.mask_starts)[rows]
+        starts, mstarts = _starts(lengths), _starts(mlengths)
+        payload = _gather(self.payload, self.data_starts[rows], lengths, starts)
+        masks = _gather(self.masks, self.mask_starts[rows], mlengths, mstarts)
+        return DeltaBatch(self.page_ids[rows], self.offsets[rows], starts, payload,
+                          self.masked[rows], mstarts, masks, self.client_id, self.seq)
 
     # ---- properties -----------------------------------------------------------------------------
 

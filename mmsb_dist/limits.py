@@ -87,3 +87,14 @@ manifest_bytes_max = 1 << 20
 # stores). The CPU kernel hashes ~5 GB/s per core and releases the GIL, so a few threads outrun any
 # disk or network; more than the cores only adds switching.
 restore_hash_threads_max = 4
+
+# ---- runtime (mmsb_dist/runtime.py) ----------------------------------------------------------------
+
+# Batches a client keeps in flight to one shard before it waits for the oldest (backpressure).
+# Bounds the memory one client pins in the object store to this many batches per shard; 8 keeps a
+# shard busy across Ray's ~1 ms round trip at any realistic batch size.
+inflight_batches_max = 8
+
+# The coordinator logs a page-id high-water mark this far ahead of the ids it hands out, so that
+# most allocations cost no log write; a restart skips at most this many ids (of 2^64).
+page_ids_reserve_block = 1 << 20

@@ -7,6 +7,7 @@ PUBLIC = {
     "Backend", "get_backend", "gpu_available",
     "DeltaBatch", "compose", "diff",
     "ShardEngine", "Ack", "Seal",
+    "start", "connect", "stop", "Bus",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
     "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",
