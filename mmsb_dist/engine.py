@@ -67,13 +67,17 @@ class Seal:
     state_hash: int
 
 
+_EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
+
+
 class _Replica:
     """What replaying frames builds: an arena plus the bookkeeping that travels with it."""
 
-    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int]):
+    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int], rebuild):
         self.arena = arena
         self.seals = seals
         self.hwm = hwm  # client id -> highest batch seq applied
+        self.rebuild = rebuild  # (epoch, seal) -> _Replica at that epoch, for restore records
 
     def apply_frame(self, frame, where: str) -> Seal | None:
         """Apply one logged frame; returns the Seal when the frame is a seal record."""
@@ -100,6 +104,10 @@ class _Replica:
             seal = Seal(msg["epoch"], msg["cut"], msg["hash"])
             self.seals[seal.epoch] = seal
             return seal
+        elif kind == "restore":  # the state rolled back to a sealed epoch; history stays
+            epoch = msg["epoch"]
+            target = self.seals.get(epoch) or _EMPTY_SEAL
+            self.arena = self.rebuild(epoch, target).arena
         else:
             raise CorruptionError(f"unknown control record {kind!r} at LSN {frame.first_lsn}",
                                   path=where)
@@ -150,7 +158,7 @@ class ShardEngine:
                                  "and no checkpoint covers what came before"
                                  + ("" if at_or_before is None else
                                     f" (epoch {at_or_before} is no longer retained)"))
-            return _Replica(PageArena(self.backend), {}, {}), 0
+            return _Replica(PageArena(self.backend), {}, {}, self._replica_from), 0
         snap, info = ckpt.read_checkpoint(info, filesystem=self._fs)
         if info.lsn < self.log.first_lsn or info.lsn > self.log.next_lsn:
             raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
@@ -158,7 +166,8 @@ class ShardEngine:
                                   path=info.path)
         seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
         hwm = {int(c): s for c, s in info.extra.get("hwm", {}).items()}
-        return _Replica(PageArena.from_snapshot(snap, self.backend), seals, hwm), info.lsn
+        return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, hwm,
+                         self._replica_from), info.lsn)
 
     def _recover(self) -> tuple[_Replica, int]:
         replica, lsn = self._start(None)
@@ -180,7 +189,7 @@ class ShardEngine:
 
     def _seal(self, epoch: int) -> Seal:
         if epoch == 0:
-            return Seal(0, 0, PageArena(get_backend("numpy")).state_hash())
+            return _EMPTY_SEAL
         seal = self._state.seals.get(int(epoch))
         if seal is None:
             raise EpochError(f"epoch {epoch} was never sealed on shard {self.shard} "
@@ -258,6 +267,18 @@ class ShardEngine:
     def _log_control(self, kind: str, **fields) -> int:
         return self.log.append(pack_control(kind, **fields), epoch=self.open_epoch, lsn_count=1)
 
+    def restore(self, epoch: int) -> None:
+        """Roll the live state back to sealed ``epoch`` (explicitly; nothing else ever does). A
+        restore record is logged first, so recovery and replay roll back at the same point; the
+        log and the seals after ``epoch`` stay, as history. Delta-id high-water marks stay too:
+        a batch retried from before the restore is not applied again."""
+        with self._lock:
+            self._check_open()
+            seal = self._seal(epoch)
+            self._log_control("restore", epoch=int(epoch))
+            self._state.arena = self._replica_from(int(epoch), seal).arena
+            self._asof = None
+
     # ---- epochs and checkpoints -----------------------------------------------------------------
 
     def seal(self, epoch: int | None = None) -> Seal:
@@ -313,12 +334,15 @@ class ShardEngine:
         """The newest checkpoint at or before ``epoch`` plus the log up to the epoch's cut."""
         with self._lock:
             seal = self._seal(epoch)
+        return seal, self._replica_from(epoch, seal)
+
+    def _replica_from(self, epoch: int, seal: Seal) -> _Replica:
         replica, lsn = self._start(epoch)
         for frame in self.log.read(lsn, seal.cut):
             if frame.first_lsn >= seal.cut:
                 break
             replica.apply_frame(frame, self.log.path)
-        return seal, replica
+        return replica
 
     def compact(self, retain_epochs: int) -> list[str]:
         """Drop what time travel to the last ``retain_epochs`` sealed epochs does not need: log

@@ -98,3 +98,9 @@ inflight_batches_max = 8
 # The coordinator logs a page-id high-water mark this far ahead of the ids it hands out, so that
 # most allocations cost no log write; a restart skips at most this many ids (of 2^64).
 page_ids_reserve_block = 1 << 20
+
+# How long the coordinator waits for its shards to be placed and recovered before giving up with an
+# error (instead of waiting forever for resources the cluster does not have). Recovery of a large
+# shard (checkpoint + log suffix) must fit: ~1 GB/s of checkpoint and 2-4 M deltas/s of log on a
+# 2-core machine.
+shard_start_timeout_s = 600.0

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 
 import numpy as np
@@ -82,6 +83,10 @@ class ShardActor:
     def replay_hash(self, epoch: int) -> int:
         return self.engine.replay(epoch).state_hash()
 
+    def restore(self, epoch: int) -> int:
+        self.engine.restore(epoch)
+        return self.engine.state_hash()
+
     def stats(self) -> dict:
         return {**self.engine.statistics(), **self.ping()}
 
@@ -90,14 +95,23 @@ class CoordinatorActor:
     """Owns the shard map, page ids and the epoch protocol (see the module docstring)."""
 
     def __init__(self, data_dir: str, shards: int, backend: str, fsync: str,
-                 prepare_timeout_s: float):
+                 prepare_timeout_s: float, auto_commit_s: float = 0.0, namespace: str = "mmsb",
+                 gpus_per_shard: float = 1.0):
         os.makedirs(data_dir, exist_ok=True)
+        self._lock = threading.RLock()  # the auto-commit thread and calls share the protocol
         self.data_dir, self.n = data_dir, int(shards)
         self.timeout = prepare_timeout_s
-        opts = _shard_options(backend)
+        opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
         self.shards = [ray.remote(ShardActor).options(name=_shard_name(i), **opts).remote(
             i, data_dir, backend, fsync) for i in range(self.n)]
-        ray.get([s.ping.remote() for s in self.shards])  # every shard recovered and serving
+        try:  # every shard placed, recovered and serving
+            ray.get([s.ping.remote() for s in self.shards], timeout=limits.shard_start_timeout_s)
+        except ray.exceptions.GetTimeoutError as exc:
+            raise EpochError(
+                f"{self.n} shards did not start within limits.shard_start_timeout_s="
+                f"{limits.shard_start_timeout_s:g} s: does the cluster have the resources "
+                f"({opts['num_cpus']} CPU, {opts['num_gpus']} GPU each)?"
+            ) from exc
         self.dlog = DecisionLog(os.path.join(data_dir, "coordinator"))
         records = self.dlog.records()
         self.next_id = max([r["hwm"] for r in records if r["k"] == "ids"], default=0)
@@ -105,6 +119,18 @@ class CoordinatorActor:
         self.proto, todo = EpochProtocol.recover(range(self.n), records, now=time.monotonic(),
                                                  prepare_timeout_s=prepare_timeout_s)
         self._carry_out(todo)
+        if auto_commit_s > 0:
+            threading.Thread(target=self._auto_commit, args=(auto_commit_s,), daemon=True,
+                             name="mmsb-auto-commit").start()
+
+    def _auto_commit(self, every_s: float) -> None:
+        """Commit every ``every_s`` seconds (an aborted attempt is retried at the next tick)."""
+        while True:
+            time.sleep(every_s)
+            try:
+                self.commit()
+            except EpochError:
+                continue
 
     def info(self) -> dict:
         return {"shards": self.n, "data_dir": self.data_dir,
@@ -113,20 +139,32 @@ class CoordinatorActor:
     def allocate_ids(self, n: int) -> int:
         """``n`` fresh page ids, ``[start, start + n)``. The high-water mark is logged before the
         ids are handed out, so a restarted coordinator never hands them out again."""
-        start = self.next_id
-        self.next_id += int(n)
-        if self.next_id > self.ids_reserved:
-            self.ids_reserved = self.next_id + limits.page_ids_reserve_block
-            self.dlog._append("ids", epoch=self.proto.last_epoch, hwm=self.ids_reserved)
-        return start
+        with self._lock:
+            start = self.next_id
+            self.next_id += int(n)
+            if self.next_id > self.ids_reserved:
+                self.ids_reserved = self.next_id + limits.page_ids_reserve_block
+                self.dlog._append("ids", epoch=self.proto.last_epoch, hwm=self.ids_reserved)
+            return start
 
     def commit(self) -> int:
         """Close the open epoch on every shard; returns it once committed. EpochError when the
         attempt was aborted (a shard failed or timed out): nothing was committed then."""
-        committed = self._carry_out(self.proto.begin(now=time.monotonic()))
-        if not committed:
-            raise EpochError(f"epoch {self.proto.last_epoch} was aborted")
-        return committed[-1]
+        with self._lock:
+            committed = self._carry_out(self.proto.begin(now=time.monotonic()))
+            if not committed:
+                raise EpochError(f"epoch {self.proto.last_epoch} was aborted")
+            return committed[-1]
+
+    def restore(self, epoch: int) -> int:
+        """Roll every shard back to committed ``epoch``, then commit the restored state as a new
+        epoch (returned). Writers should be quiet meanwhile: a write that lands on a shard after
+        its rollback is kept. Retry on failure: restoring twice to one epoch is harmless."""
+        with self._lock:
+            if int(epoch) not in self.proto.committed:
+                raise EpochError(f"epoch {epoch} was never committed")
+            ray.get([s.restore.remote(int(epoch)) for s in self.shards])
+            return self.commit()
 
     def _carry_out(self, instructions) -> list[int]:
         queue, committed = list(instructions), []
@@ -163,11 +201,12 @@ class CoordinatorActor:
         return {e: {s: list(c) for s, c in cuts.items()} for e, cuts in self.proto.committed.items()}
 
     def checkpoint(self) -> int:
-        epoch = self.proto.last_committed
-        if epoch == 0:
-            raise EpochError("nothing committed yet: commit before checkpointing")
-        ray.get([s.checkpoint.remote(epoch) for s in self.shards])
-        return epoch
+        with self._lock:
+            epoch = self.proto.last_committed
+            if epoch == 0:
+                raise EpochError("nothing committed yet: commit before checkpointing")
+            ray.get([s.checkpoint.remote(epoch) for s in self.shards])
+            return epoch
 
     def replay(self, epoch: int) -> dict:
         """Rebuild every shard's state at committed ``epoch`` in parallel, beside the live state,
@@ -183,11 +222,11 @@ class CoordinatorActor:
         return {s: f"{h:016x}" for s, h in enumerate(got)}
 
 
-def _shard_options(backend: str) -> dict:
+def _shard_options(backend: str, namespace: str, gpus_per_shard: float) -> dict:
     gpu = backend == "cupy" or (backend == "auto" and
                                 ray.cluster_resources().get("GPU", 0) >= 1)
-    return dict(lifetime="detached", max_restarts=-1, max_task_retries=-1,
-                num_cpus=0 if gpu else 1, num_gpus=1 if gpu else 0,
+    return dict(namespace=namespace, lifetime="detached", max_restarts=-1, max_task_retries=-1,
+                num_cpus=0 if gpu else 1, num_gpus=gpus_per_shard if gpu else 0,
                 scheduling_strategy="SPREAD", get_if_exists=True)
 
 
@@ -231,7 +270,8 @@ class Bus:
         for s in np.unique(owners):
             rows = np.flatnonzero(owners == s)
             for lo in range(0, rows.size, limits.batch_deltas_max):
-                part = batch.take(rows[lo:lo + limits.batch_deltas_max])
+                part = (batch if rows.size == len(batch) <= limits.batch_deltas_max  # no copy
+                        else batch.take(rows[lo:lo + limits.batch_deltas_max]))
                 self._seq += 1
                 part = DeltaBatch(part.page_ids, part.offsets, part.data_starts, part.payload,
                                   part.masked, part.mask_starts, part.masks, self.client_id,
@@ -272,6 +312,11 @@ class Bus:
     def replay(self, epoch: int) -> dict:
         return ray.get(self.coordinator.replay.remote(int(epoch)))
 
+    def restore(self, epoch: int) -> int:
+        """Roll the live runtime back to committed ``epoch`` (explicitly); returns the new epoch
+        that holds the restored state."""
+        return ray.get(self.coordinator.restore.remote(int(epoch)))
+
     def committed_epochs(self) -> list[int]:
         return sorted(ray.get(self.coordinator.committed.remote()))
 
@@ -288,18 +333,26 @@ def start(shards: int = 1, data_dir: str | None = None, config: dict | None = No
           namespace: str = "mmsb", address: str | None = None) -> Bus:
     """Start (or reuse) the runtime: a local Ray instance unless Ray is already initialized or an
     ``address`` is given, then the coordinator and ``shards`` shard actors. ``config``: backend
-    ("auto", "numpy", "cupy"), fsync ("always", "interval", "none"), prepare_timeout_s."""
-    config = {"backend": "auto", "fsync": "always", "prepare_timeout_s": 30.0, **(config or {})}
+    ("auto", "numpy", "cupy"), fsync ("always", "interval", "none"), prepare_timeout_s,
+    auto_commit_s (commit every so many seconds; 0: only explicit commits), gpus_per_shard
+    (1: one GPU each; a fraction shares a GPU between shards)."""
+    config = {"backend": "auto", "fsync": "always", "prepare_timeout_s": 30.0,
+              "auto_commit_s": 0.0, "gpus_per_shard": 1.0, **(config or {})}
     if shards < 1:
         raise ValueError(f"shards={shards}: need at least one shard")
     if not ray.is_initialized():
-        ray.init(address=address, namespace=namespace, include_dashboard=False,
-                 log_to_driver=False)
+        # A new local instance unless an address is given: never join whatever cluster happens to
+        # run on this host. Logical CPUs: one per shard at least (they mostly wait on the disk).
+        local = address is None
+        ray.init(address="local" if local else address, namespace=namespace,
+                 include_dashboard=False, log_to_driver=False,
+                 num_cpus=max(os.cpu_count() or 1, shards + 1) if local else None)
     data_dir = os.path.abspath(data_dir or os.path.join(os.getcwd(), "mmsb-data"))
     coordinator = ray.remote(CoordinatorActor).options(
         name=COORDINATOR, namespace=namespace, lifetime="detached", max_restarts=-1,
         max_task_retries=-1, num_cpus=0, get_if_exists=True).remote(
-        data_dir, shards, config["backend"], config["fsync"], config["prepare_timeout_s"])
+        data_dir, shards, config["backend"], config["fsync"], config["prepare_timeout_s"],
+        config["auto_commit_s"], namespace, config["gpus_per_shard"])
     ray.get(coordinator.info.remote())
     return Bus(namespace)
 

@@ -1,5 +1,9 @@
 """The runtime on a real local Ray instance (one per module): write, read, commit, time travel,
-replay, and recovery after killing a shard actor and the coordinator."""
+replay, restore, auto-commit, and recovery after killing a shard actor and the coordinator.
+
+MMSB_TEST_BACKEND=cupy runs the same tests with CuPy shards (shards share one GPU)."""
+
+import os
 
 import numpy as np
 import pytest
@@ -9,12 +13,16 @@ from mmsb_dist import runtime
 from mmsb_dist.runtime import COORDINATOR, _shard_name
 
 
+BACKEND = os.environ.get("MMSB_TEST_BACKEND", "numpy")
+
+
 @pytest.fixture(scope="module")
 def bus(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, namespace="mmsb-test", log_to_driver=False)
+    # Logical CPUs: two shards of the module's runtime plus one of the auto-commit test's.
+    ray.init(num_cpus=4, include_dashboard=False, namespace="mmsb-test", log_to_driver=False)
     data = tmp_path_factory.mktemp("runtime")
-    b = runtime.start(shards=2, data_dir=str(data), config={"backend": "numpy"},
-                      namespace="mmsb-test")
+    b = runtime.start(shards=2, data_dir=str(data), namespace="mmsb-test",
+                      config={"backend": BACKEND, "gpus_per_shard": 0.25})
     yield b
     runtime.stop(namespace="mmsb-test")
     ray.shutdown()
@@ -37,8 +45,9 @@ def test_write_read_commit_time_travel_and_replay(bus):
     rng = np.random.default_rng(0)
     ids = bus.create_pages(64, 4096)
     model = {int(p): np.zeros(4096, np.uint8) for p in ids}
-    shards = {s["shard"] for s in bus.stats()["shards"]}
-    assert shards == {0, 1}
+    stats = bus.stats()["shards"]
+    assert {s["shard"] for s in stats} == {0, 1}
+    assert {s["backend"] for s in stats} == {BACKEND}
     after = {}
     for _ in range(3):
         _apply_local(model, *_random_writes(bus, ids, rng))
@@ -83,3 +92,31 @@ def test_restarted_coordinator_keeps_epochs_and_ids(bus):
     assert epoch > max(before) and bus.committed_epochs() == before + [epoch]
     more = bus.create_pages(4, 64)
     assert not set(more.tolist()) & set(ids.tolist())
+
+
+def test_restore_rolls_every_shard_back_and_commits_it(bus):
+    rng = np.random.default_rng(2)
+    ids = bus.create_pages(16, 4096)
+    _random_writes(bus, ids, rng)
+    epoch = bus.commit()
+    at_epoch = bus.read_many(ids)
+    _random_writes(bus, ids, rng)
+    bus.commit()
+    new = bus.restore(epoch)
+    assert new > epoch and new in bus.committed_epochs()
+    assert all(np.array_equal(a, b) for a, b in zip(bus.read_many(ids), at_epoch))
+    assert bus.replay(new) == bus.replay(epoch)  # the same state, hash for hash
+
+
+def test_auto_commit_closes_epochs_on_its_own(tmp_path):
+    ns = "mmsb-auto"
+    b = runtime.start(shards=1, data_dir=str(tmp_path), namespace=ns,
+                      config={"backend": BACKEND, "auto_commit_s": 0.2, "gpus_per_shard": 0.25})
+    try:
+        import time
+        deadline = time.monotonic() + 30
+        while len(b.committed_epochs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(b.committed_epochs()) >= 2
+    finally:
+        runtime.stop(namespace=ns)
