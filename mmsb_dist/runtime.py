@@ -257,7 +257,13 @@ class Bus:
     # ---- writes -------------------------------------------------------------------------------
 
     def write(self, page_id: int, offset: int, data) -> None:
-        self.write_many([page_id], [offset], [data])
+        """One run, durable on return. The short path of write_many: one shard, no regrouping,
+        and the encoded batch travels as bytes (inline in the Ray call)."""
+        self._seq += 1
+        batch = DeltaBatch.runs([page_id], [offset], [data], client_id=self.client_id,
+                                seq=self._seq)
+        shard = self.shards[int(shards_of(batch.page_ids, self.n)[0])]
+        ray.get(shard.apply.remote(encode_deltas(batch).to_pybytes()))
 
     def write_many(self, page_ids, offsets, payloads) -> int:
         """One Arrow batch per shard (cut at ``limits.batch_deltas_max``), at most
