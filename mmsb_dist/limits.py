@@ -104,3 +104,7 @@ page_ids_reserve_block = 1 << 20
 # shard (checkpoint + log suffix) must fit: ~1 GB/s of checkpoint and 2-4 M deltas/s of log on a
 # 2-core machine.
 shard_start_timeout_s = 600.0
+
+# A restarted shard retries opening its log this long while the previous process still holds the
+# log's lock (it is releasing it as it dies); past this the shard fails to start.
+shard_log_busy_wait_s = 30.0

@@ -44,9 +44,18 @@ class ShardActor:
     """One shard: a ShardEngine behind a Ray actor. Calls run one at a time, in arrival order."""
 
     def __init__(self, shard: int, data_dir: str, backend: str, fsync: str):
-        from mmsb_dist.engine import ShardEngine
+        from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
-        self.engine = ShardEngine(os.path.join(data_dir, f"shard-{shard:04d}"), shard=shard,
+        from mmsb_dist.engine import ShardEngine
+        from mmsb_dist.errors import LogBusyError
+
+        # A restarted shard may find its log still locked by the dying process for a moment; an
+        # exception here would end the actor for good (Ray does not restart a failed constructor).
+        open_engine = retry(retry=retry_if_exception_type(LogBusyError),
+                            stop=stop_after_delay(limits.shard_log_busy_wait_s),
+                            wait=wait_exponential(multiplier=0.05, max=2.0), reraise=True)(
+            ShardEngine)
+        self.engine = open_engine(os.path.join(data_dir, f"shard-{shard:04d}"), shard=shard,
                                   backend=backend, fsync=fsync)
 
     def ping(self) -> dict:
@@ -240,6 +249,7 @@ class Bus:
         self.shards = [ray.get_actor(_shard_name(i), namespace=namespace) for i in range(self.n)]
         self.client_id = secrets.randbits(63) | 1  # non-zero: this client's batches de-duplicate
         self._seq = 0
+        self._committed: set[int] = set()  # committed epochs never change: safe to cache
 
     # ---- pages --------------------------------------------------------------------------------
 
@@ -297,6 +307,8 @@ class Bus:
 
     def read_many(self, page_ids, epoch: int | None = None) -> list[np.ndarray]:
         ids = np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1)
+        if epoch is not None:
+            epoch = self._check_committed(int(epoch))
         owners = shards_of(ids, self.n)
         out: list = [None] * ids.size
         groups = {int(s): np.flatnonzero(owners == s) for s in np.unique(owners)}
@@ -306,6 +318,15 @@ class Bus:
             for r, a in zip(rows, arrays):
                 out[r] = a
         return out
+
+    def _check_committed(self, epoch: int) -> int:
+        """Shards can replay any epoch they sealed, but an aborted attempt's seals must never be
+        read: only epochs with a recorded decision are."""
+        if epoch not in self._committed:
+            self._committed = set(self.committed_epochs())
+            if epoch not in self._committed:
+                raise EpochError(f"epoch {epoch} was never committed")
+        return epoch
 
     # ---- epochs -------------------------------------------------------------------------------
 

@@ -23,7 +23,7 @@ CALL_TIMEOUT_S = 60.0   # any single Ray call, a restart included (a restart tak
 WRITE_BYTES = 64        # every write is one 64-byte run of non-zero bytes
 
 
-# ---- bounded waits --------------------------------------------------------------------------------
+# ---- bounded waits -------------------------------------------------------------------------------
 
 def bounded(fn, *args, timeout_s: float = CALL_TIMEOUT_S, what: str = "call"):
     """``fn(*args)`` in a daemon thread, at most ``timeout_s``: for client calls (``Bus``) that
@@ -76,7 +76,7 @@ def committed_cuts(bus, timeout_s: float = CALL_TIMEOUT_S) -> dict:
     return ray.get(bus.coordinator.committed.remote(), timeout=timeout_s)
 
 
-# ---- the write model ------------------------------------------------------------------------------
+# ---- the write model -----------------------------------------------------------------------------
 
 def random_batch(rng, ids: np.ndarray, n: int, page_bytes: int):
     pids = ids[rng.integers(0, ids.size, n)]
@@ -102,14 +102,13 @@ class WriteLog:
     def started(self) -> int:
         return len(self.batches)
 
-    def state_at(self, k: int, *, keep: bool = True) -> np.ndarray:
+    def state_at(self, k: int) -> np.ndarray:
         assert 0 <= k <= self.acked, f"batch {k} was never acknowledged (acked: {self.acked})"
         k0 = max(c for c in self._cache if c <= k)
         state = self._cache[k0].copy()
         for i in range(k0, k):
             self.apply(state, i)
-        if keep:
-            self._cache[k] = state.copy()
+        self._cache[k] = state.copy()
         return state
 
     def apply(self, state: np.ndarray, i: int) -> None:
@@ -146,7 +145,8 @@ class Writer(threading.Thread):
         self.rng = np.random.default_rng(seed)
         self.batch_deltas, self.max_batches, self.gap_s = batch_deltas, max_batches, gap_s
         self.error: BaseException | None = None
-        self._halt, self._pause, self._idle = threading.Event(), threading.Event(), threading.Event()
+        self._halt, self._pause = threading.Event(), threading.Event()
+        self._idle = threading.Event()
 
     def run(self) -> None:
         try:
@@ -196,15 +196,15 @@ class Writer(threading.Thread):
         self._raise(what)
 
 
-# ---- committed epochs -----------------------------------------------------------------------------
+# ---- committed epochs ----------------------------------------------------------------------------
 
 class EpochBook:
     """What the tests learned about epochs: the committed list seen last, the bytes of every page
     at each committed epoch (read right after its commit), and the numbers that were skipped
     (attempted, never committed: they must never appear later)."""
 
-    def __init__(self, bus, log: WriteLog, tag: str = ""):
-        self.bus, self.log, self.tag = bus, log, tag
+    def __init__(self, bus, log: WriteLog):
+        self.bus, self.log = bus, log
         self.seen: list[int] = []
         self.pages: dict[int, list[np.ndarray]] = {}
         self.skipped: set[int] = set()
@@ -239,8 +239,9 @@ class EpochBook:
             if not todo:
                 break
         assert not todo, (f"{what}: shards {sorted(todo)} at epoch {epoch} do not hold the first "
-                          f"k acknowledged batches for any k in [{lo}, {hi}] (a write acknowledged "
-                          "before the commit is missing, or the cut is not consistent)")
+                          f"k acknowledged batches for any k in [{lo}, {hi}] (a write "
+                          "acknowledged before the commit is missing, or the cut is not "
+                          "consistent)")
         self.pages[epoch] = got
 
     def verify(self, what: str) -> None:

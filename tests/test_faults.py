@@ -3,9 +3,10 @@ sending ``write_many`` batches and records which were acknowledged, while the te
 actor, the coordinator, and the coordinator in the middle of a commit (seeded delays).
 
 After each fault: every page equals the model of the acknowledged batches (nothing acknowledged is
-lost); the committed epochs only grew and stay strictly increasing; every committed epoch still reads
-as it did right after its commit and replays to its recorded hash on every shard; an epoch number
-that was attempted but not committed never appears later, and nobody can read it. Seed: MMSB_SEED.
+lost); the committed epochs only grew and stay strictly increasing; every committed epoch still
+reads as it did right after its commit and replays to its recorded hash on every shard; an epoch
+number that was attempted but not committed never appears later, and nobody can read it.
+Seed: MMSB_SEED.
 """
 
 import os
@@ -17,10 +18,10 @@ import numpy as np
 import pytest
 import ray
 
+from _raykit import (CALL_TIMEOUT_S, EpochBook, WriteLog, Writer, bounded, commit,
+                     wait_coordinator, wait_until)
 from mmsb_dist import runtime
 from mmsb_dist.errors import EpochError
-from _raykit import (CALL_TIMEOUT_S, EpochBook, WriteLog, Writer, bounded, commit,
-                           ping_all, wait_coordinator, wait_until)
 
 SEED = int(os.environ.get("MMSB_SEED", "20261122"))
 PAGES, PAGE_BYTES, SHARDS = 32, 4096, 2
@@ -180,6 +181,6 @@ def test_skipped_epoch_is_never_readable(world):
                 readable.setdefault(epoch, []).append(shard)
             except EpochError:
                 pass
-    assert not readable, (f"read(page, epoch=e) must raise EpochError for a never-committed epoch, "
-                          f"but these epochs answer on these shards (their seals outlived the "
-                          f"aborted attempt): {readable}; committed: {w.book.seen}")
+    assert not readable, (f"read(page, epoch=e) must raise EpochError for a never-committed "
+                          f"epoch, but these epochs answer on these shards (their seals outlived "
+                          f"the aborted attempt): {readable}; committed: {w.book.seen}")

@@ -1,10 +1,11 @@
-"""The runtime on a multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head and
-two worker nodes, 2 CPUs each, one data directory at the same local path for all of them).
+"""The runtime on a multi-node Ray cluster on this machine (``ray.cluster_utils.Cluster``: a head
+and two worker nodes, 2 CPUs each, one data directory at the same local path for all of them).
 
-Three shards spread over the nodes. After writes, commits and a checkpoint, a worker node that hosts
-a shard is removed while a writer keeps going: Ray restarts the detached shard on a remaining node,
-it recovers from the shared data directory (checkpoint + log), and then nothing acknowledged is
-lost, every committed epoch reads and replays as before, and new commits work. Seed: MMSB_SEED.
+Three shards spread over the nodes. After writes, commits and a checkpoint, a worker node that
+hosts a shard (not the coordinator) is removed while a writer keeps going: Ray restarts the
+detached shard on a remaining node, it recovers from the shared data directory (checkpoint + log),
+and then nothing acknowledged is lost, every committed epoch reads and replays as before, and new
+commits work. Seed: MMSB_SEED.
 """
 
 import os
