@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import shutil
+import subprocess
+import time
+
+import numpy as np
 
 
 def evict(path: str) -> None:
@@ -28,3 +34,44 @@ def write_json(path: str, result: dict, seconds: float | None = None) -> None:
     with open(path, "w") as fh:
         json.dump(result, fh, indent=2)
     print(f"wrote {path}" + (f" ({seconds:.1f} s)" if seconds is not None else ""))
+
+
+def raw_read(path: str, out: np.ndarray, chunk: int = 1 << 20) -> float:
+    """Seconds to read ``path`` into ``out`` with plain read() calls of ``chunk`` bytes."""
+    view = memoryview(out)
+    t0 = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        pos = 0
+        while pos < out.size:
+            got = f.readinto(view[pos:pos + chunk])
+            if not got:
+                raise RuntimeError("short read")
+            pos += got
+    return time.perf_counter() - t0
+
+
+def machine_info(directory: str) -> dict:
+    """What a reader needs to compare figures: CPU, memory, the filesystem and disk used, versions."""
+    import numba
+    import pyarrow
+
+    real = os.path.realpath(directory)
+    mounts = [line.split() for line in open("/proc/mounts")]
+    mount = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
+                key=lambda m: len(m[1]))
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), platform.processor())
+    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
+               if line.startswith("MemTotal"))
+    try:
+        df = subprocess.run(["df", "-hT", real], capture_output=True, text=True,
+                            timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        df = f"df failed: {exc}"
+    usage = shutil.disk_usage(real)
+    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
+            "cpus": os.cpu_count(), "memory_bytes": mem, "bench_dir": real,
+            "filesystem": mount[2], "device": mount[0], "mount": mount[1], "df": df,
+            "disk_total_bytes": usage.total, "disk_free_bytes": usage.free,
+            "numpy": np.__version__, "pyarrow": pyarrow.__version__, "numba": numba.__version__,
+            "numba_threads": numba.config.NUMBA_NUM_THREADS}

@@ -37,7 +37,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from _common import evict, write_json  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import evict, raw_read, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from mmsb_dist import PageArena
 from mmsb_dist import checkpoint as ck
 
@@ -64,17 +64,7 @@ def _raw_write(path: str, data: np.ndarray) -> float:
     return time.perf_counter() - t0
 
 
-def _raw_read(path: str, out: np.ndarray) -> float:
-    view = memoryview(out)
-    t0 = time.perf_counter()
-    with open(path, "rb", buffering=0) as f:
-        pos = 0
-        while pos < out.size:
-            got = f.readinto(view[pos:pos + CHUNK])
-            if not got:
-                raise RuntimeError("short read")
-            pos += got
-    return time.perf_counter() - t0
+
 
 
 def _raw_mmap(path: str) -> float:
@@ -121,7 +111,7 @@ def run(quick: bool, workdir: str) -> dict:
         times["raw_write"].append(_raw_write(raw_path, snap.data))
         evict(raw_path)
         _settle()
-        times["raw_read_copy"].append(_raw_read(raw_path, readback))
+        times["raw_read_copy"].append(raw_read(raw_path, readback, CHUNK))
         evict(raw_path)
         _settle()
         times["raw_read_mmap"].append(_raw_mmap(raw_path))

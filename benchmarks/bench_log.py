@@ -23,7 +23,6 @@ import argparse
 import csv
 import io
 import os
-import platform
 import shutil
 import socket
 import subprocess
@@ -35,6 +34,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import _common                                          # noqa: E402
 from _common import write_json                          # noqa: E402
 from mmsb_dist.delta import DeltaBatch                  # noqa: E402
 from mmsb_dist.formats import decode_deltas, encode_deltas   # noqa: E402
@@ -206,21 +206,9 @@ def bench_redis(directory: str, ops: int, seconds_max: float) -> dict:
 # ---- report --------------------------------------------------------------------------------------
 
 def machine_info(directory: str) -> dict:
-    mounts = [line.split() for line in open("/proc/mounts")]
-    real = os.path.realpath(directory)
-    mount = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
-                key=lambda m: len(m[1]))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
-               if line.startswith("MemTotal"))
     import crc32c
-    import pyarrow
-    return {"platform": platform.platform(), "python": platform.python_version(),
-            "cpu": cpu, "cpus": os.cpu_count(), "memory_bytes": mem,
-            "bench_dir": real, "filesystem": mount[2], "device": mount[0], "mount": mount[1],
-            "numpy": np.__version__, "pyarrow": pyarrow.__version__,
-            "crc32c": crc32c.__version__}
+
+    return {**_common.machine_info(directory), "crc32c": crc32c.__version__}
 
 
 def print_table(rows: list[tuple[str, dict | None]], redis_rate: float | None,

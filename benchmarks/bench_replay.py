@@ -48,10 +48,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +60,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import crc32c                                                # noqa: E402
 import pyarrow as pa                                         # noqa: E402
 
-from _common import evict, write_json                        # noqa: E402
+from _common import evict, machine_info, raw_read, write_json  # noqa: E402
 from mmsb_dist import _cpu                                   # noqa: E402
 from mmsb_dist.backend import _words as backend_words        # noqa: E402
 from mmsb_dist import checkpoint as ck                       # noqa: E402
@@ -107,29 +105,6 @@ def _engine(path: str) -> ShardEngine:
     return ShardEngine(path, backend="numpy", fsync="always")
 
 
-def machine_info(directory: str) -> dict:
-    real = os.path.realpath(directory)
-    mounts = [line.split() for line in open("/proc/mounts")]
-    mount = max((m for m in mounts if real == m[1] or real.startswith(m[1].rstrip("/") + "/")),
-                key=lambda m: len(m[1]))
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo")
-               if line.startswith("MemTotal"))
-    try:
-        df = subprocess.run(["df", "-hT", real], capture_output=True, text=True,
-                            timeout=10).stdout.strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        df = f"df failed: {exc}"
-    usage = shutil.disk_usage(real)
-    import numba
-    return {"platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-            "cpus": os.cpu_count(), "memory_bytes": mem, "bench_dir": real,
-            "filesystem": mount[2], "device": mount[0], "mount": mount[1], "df": df,
-            "disk_total_bytes": usage.total, "disk_free_bytes": usage.free,
-            "numpy": np.__version__, "pyarrow": pa.__version__, "numba": numba.__version__,
-            "numba_threads": numba.config.NUMBA_NUM_THREADS}
-
 
 # ---- raw disk ------------------------------------------------------------------------------------
 
@@ -147,17 +122,7 @@ def raw_write(path: str, nbytes: int, chunk: np.ndarray) -> float:
     return _now() - t0
 
 
-def raw_read(path: str, out: np.ndarray) -> float:
-    view = memoryview(out)
-    t0 = _now()
-    with open(path, "rb", buffering=0) as f:
-        pos = 0
-        while pos < out.size:
-            got = f.readinto(view[pos:pos + CHUNK])
-            if not got:
-                raise RuntimeError("short read")
-            pos += got
-    return _now() - t0
+
 
 
 def raw_mmap(path: str) -> float:
@@ -259,7 +224,7 @@ class Bench:
         self.samples["raw_write"].append(raw_write(self.raw_path, self.raw_bytes, self.chunk))
         evict(self.raw_path)
         os.sync()
-        self.samples["raw_read"].append(raw_read(self.raw_path, self.readback))
+        self.samples["raw_read"].append(raw_read(self.raw_path, self.readback, CHUNK))
         evict(self.raw_path)
         self.samples["raw_mmap"].append(raw_mmap(self.raw_path))
         os.unlink(self.raw_path)
