@@ -75,3 +75,23 @@ def machine_info(directory: str) -> dict:
             "disk_total_bytes": usage.total, "disk_free_bytes": usage.free,
             "numpy": np.__version__, "pyarrow": pyarrow.__version__, "numba": numba.__version__,
             "numba_threads": numba.config.NUMBA_NUM_THREADS}
+
+
+def gpu_timed(fn, repeat: int = 20, warmup: int = 3) -> float:
+    """Median seconds of ``fn`` on the current CUDA stream, timed with device events after a
+    warm-up (compilation and first-touch stay out of the figure)."""
+    import statistics
+
+    import cupy as cp
+
+    for _ in range(warmup):
+        fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = []
+    for _ in range(repeat):
+        start.record()
+        fn()
+        stop.record()
+        stop.synchronize()
+        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return statistics.median(times)

@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 
-from _common import write_json  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import gpu_timed, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from mmsb_dist import DeltaBatch, PageArena
 from mmsb_dist.backend import get_backend, gpu_available
 
@@ -124,19 +124,7 @@ def bench_gpu(quick: bool) -> dict:
     rng = cp.random.default_rng(2)
     nbytes = (256 << 20) if quick else (1 << 30)
 
-    def timed(fn, repeat=20):
-        for _ in range(3):
-            fn()
-        start, stop = cp.cuda.Event(), cp.cuda.Event()
-        times = []
-        for _ in range(repeat):
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-        return statistics.median(times)
-
+    timed = gpu_timed
     src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     dst = cp.empty_like(src)
     t_copy = timed(lambda: cp.copyto(dst, src))

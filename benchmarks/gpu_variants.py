@@ -2,7 +2,6 @@
 a device copy, in one process. Not part of the product's benchmark suite; kept so that a tuning
 result can be reproduced. Usage: python benchmarks/gpu_variants.py"""
 
-import statistics
 
 import cupy as cp
 import numpy as np
@@ -10,18 +9,7 @@ import numpy as np
 from mmsb_dist.kernels import cuda_source
 
 
-def timed(fn, repeat=20):
-    for _ in range(3):
-        fn()
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-    out = []
-    for _ in range(repeat):
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        out.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
-    return statistics.median(out)
+from _common import gpu_timed as timed  # noqa: E402  (benchmarks/ is on sys.path)
 
 
 def scatter_variants(copy_bw):

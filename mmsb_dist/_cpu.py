@@ -235,24 +235,6 @@ def index_present(keys, ids, out):
 
 
 @_jit
-def index_find_any(keys, vals, ids, out):
-    """Position in ``ids`` of the first id that is present (its slot in out[0]), or -1."""
-    mask = np.uint64(keys.shape[0] - 1)
-    for i in range(ids.shape[0]):
-        k = ids[i]
-        h = _fmix64(k) & mask
-        while True:
-            cur = keys[h]
-            if cur == k:
-                out[0] = vals[h]
-                return i
-            if cur == EMPTY_KEY:
-                break
-            h = (h + np.uint64(1)) & mask
-    return -1
-
-
-@_jit
 def index_delete(keys, vals, ids):
     """Remove ids (all must be present: callers look them up first)."""
     mask = np.uint64(keys.shape[0] - 1)

@@ -170,6 +170,11 @@ class PageArena:
                      ids=None) -> np.ndarray:
         """Create pages (zeroed) and return their ids. With ``ids`` None the arena numbers them."""
         ids, code, size = self.check_create(n, size, dtype, ids)
+        self.create_validated(ids, code, size)
+        return ids
+
+    def create_validated(self, ids: np.ndarray, code: int, size: int) -> None:
+        """Create pages that check_create accepted (what it returned), without checking again."""
         n = ids.size
         if n:
             asize = _align(size)
@@ -182,7 +187,6 @@ class PageArena:
             self._versions[slots], self._dtypes[slots] = 0, code
             self._live[slots], self._dirty[slots] = True, True
             self._next_id = max(self._next_id, int(ids.max()) + 1)
-        return ids
 
     def check_create(self, n, size, dtype, ids=None) -> tuple[np.ndarray, int, int]:
         """Validate a create without changing anything: (ids it would create, dtype code, size).
@@ -225,10 +229,10 @@ class PageArena:
     def _refuse_existing(self, ids: np.ndarray) -> None:
         if self._count == 0:
             return
-        out = np.empty(ids.size, np.int64)
-        found = _cpu.index_find_any(self._keys, self._vals, ids, out)
-        if found >= 0:
-            raise InvalidPageError(f"page {int(ids[found])} already exists", page=int(ids[found]))
+        found = np.flatnonzero(self.present(ids))
+        if found.size:
+            pid = int(ids[found[0]])
+            raise InvalidPageError(f"page {pid} already exists", page=pid)
 
     def _take_slots(self, n: int) -> np.ndarray:
         got = []
@@ -299,7 +303,10 @@ class PageArena:
 
     def free_pages(self, page_ids) -> None:
         """Free pages; all must exist (UnknownPageError otherwise, and nothing is freed)."""
-        ids, slots = self.check_free(page_ids)
+        self.free_validated(*self.check_free(page_ids))
+
+    def free_validated(self, ids: np.ndarray, slots: np.ndarray) -> None:
+        """Free what check_free accepted (its ids and slots), without checking again."""
         if ids.size == 0:
             return
         _cpu.index_delete(self._keys, self._vals, ids)

@@ -45,6 +45,7 @@ import pyarrow.fs as pafs
 
 from mmsb_dist import _cpu, limits
 from mmsb_dist.arena import DTYPES, ArenaSnapshot
+from mmsb_dist.formats import _schema
 from mmsb_dist.backend import get_backend
 from mmsb_dist.errors import CorruptionError, EpochError, MmsbError, SerializationError
 
@@ -59,9 +60,7 @@ DATA_FILE = "pages.arrow"
 MANIFEST_FILE = "manifest.json"
 _TMP_SUFFIX = ".tmp"
 
-_SCHEMA_META = {b"mmsb.kind": b"checkpoint", b"mmsb.version": str(CHECKPOINT_FORMAT_VERSION).encode()}
-
-CHECKPOINT_SCHEMA = pa.schema([
+CHECKPOINT_SCHEMA = _schema("checkpoint", [
     pa.field("page_id", pa.uint64(), nullable=False),
     pa.field("size", pa.int64(), nullable=False),
     pa.field("version", pa.uint64(), nullable=False),
@@ -69,7 +68,8 @@ CHECKPOINT_SCHEMA = pa.schema([
     pa.field("hash", pa.uint64(), nullable=False),
     # large_binary: int64 offsets, so one shard's pages may total more than 2 GiB.
     pa.field("data", pa.large_binary(), nullable=False),
-], metadata=_SCHEMA_META)
+], version=CHECKPOINT_FORMAT_VERSION)
+_SCHEMA_META = CHECKPOINT_SCHEMA.metadata
 
 _COMPRESSIONS = (None, "lz4", "zstd")
 _U64 = 1 << 64

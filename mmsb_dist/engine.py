@@ -253,16 +253,16 @@ class ShardEngine:
             if ids.size:
                 self._log_control("create", ids=ids.astype("<u8").tobytes(), size=size,
                                   dtype=DTYPES[code])
-                self.arena.create_pages(ids=ids, size=size, dtype=DTYPES[code])
+                self.arena.create_validated(ids, code, size)
             return ids
 
     def free_pages(self, page_ids) -> None:
         with self._lock:
             self._check_open()
-            ids, _ = self.arena.check_free(page_ids)
+            ids, slots = self.arena.check_free(page_ids)
             if ids.size:
                 self._log_control("free", ids=ids.astype("<u8").tobytes())
-                self.arena.free_pages(ids)
+                self.arena.free_validated(ids, slots)
 
     def _log_control(self, kind: str, **fields) -> int:
         return self.log.append(pack_control(kind, **fields), epoch=self.open_epoch, lsn_count=1)

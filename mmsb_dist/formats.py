@@ -27,9 +27,10 @@ __all__ = [
 FORMAT_VERSION = 1
 
 
-def _schema(kind: str, fields: list[pa.Field]) -> pa.Schema:
+def _schema(kind: str, fields: list[pa.Field], version: int = FORMAT_VERSION) -> pa.Schema:
+    """A versioned mmsb schema: ``mmsb.kind`` and ``mmsb.version`` in its metadata."""
     return pa.schema(fields, metadata={b"mmsb.kind": kind.encode(),
-                                       b"mmsb.version": str(FORMAT_VERSION).encode()})
+                                       b"mmsb.version": str(version).encode()})
 
 
 DELTA_SCHEMA = _schema("delta", [

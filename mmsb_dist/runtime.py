@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import secrets
 import threading
@@ -289,9 +290,7 @@ class Bus:
                 part = (batch if rows.size == len(batch) <= limits.batch_deltas_max  # no copy
                         else batch.take(rows[lo:lo + limits.batch_deltas_max]))
                 self._seq += 1
-                part = DeltaBatch(part.page_ids, part.offsets, part.data_starts, part.payload,
-                                  part.masked, part.mask_starts, part.masks, self.client_id,
-                                  self._seq)
+                part = dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
                 window = inflight.setdefault(int(s), [])
                 if len(window) >= limits.inflight_batches_max:  # backpressure
                     ray.get(window.pop(0))
