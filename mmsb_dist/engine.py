@@ -25,6 +25,7 @@ begins with the IPC continuation marker ``ff ff ff ff``) or a msgpack control re
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 from dataclasses import dataclass
@@ -35,7 +36,8 @@ from mmsb_dist import checkpoint as ckpt
 from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.delta import DeltaBatch
-from mmsb_dist.errors import CorruptionError, EpochError, MmsbError
+from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidPageError,
+                              MmsbError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
 from mmsb_dist.log import LogPartition
 
@@ -73,11 +75,15 @@ _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages 
 class _Replica:
     """What replaying frames builds: an arena plus the bookkeeping that travels with it."""
 
-    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int], rebuild):
+    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int], rebuild,
+                 derived: dict | None = None):
         self.arena = arena
         self.seals = seals
         self.hwm = hwm  # client id -> highest batch seq applied
         self.rebuild = rebuild  # (epoch, seal) -> _Replica at that epoch, for restore records
+        # Derived pages of this shard: child -> (parents, encoded graph.Recompute). Replay keeps
+        # the table but never runs a function: recompute results are logged as deltas.
+        self.derived: dict[int, tuple[tuple[int, ...], bytes]] = derived or {}
 
     def apply_frame(self, frame, where: str) -> Seal | None:
         """Apply one logged frame; returns the Seal when the frame is a seal record."""
@@ -104,6 +110,11 @@ class _Replica:
             seal = Seal(msg["epoch"], msg["cut"], msg["hash"])
             self.seals[seal.epoch] = seal
             return seal
+        elif kind == "derive":
+            self.derived[int(msg["child"])] = (
+                tuple(int(p) for p in np.frombuffer(msg["parents"], dtype="<u8")), msg["fn"])
+        elif kind == "underive":
+            self.derived.pop(int(msg["child"]), None)
         elif kind == "restore":  # the state rolled back to a sealed epoch; history stays
             epoch = msg["epoch"]
             target = self.seals.get(epoch) or _EMPTY_SEAL
@@ -145,6 +156,12 @@ class ShardEngine:
         self._asof: tuple[int, PageArena] | None = None  # the last replayed epoch, for reads
         self._last_snapshot = None  # (future, snapshot): its buffer is reused once written
         self._closed = False
+        self._watch: dict[int, list[int]] = {}  # parent here -> shards with children of it
+        self._remote: dict[int, np.ndarray] = {}  # latest bytes seen of parents on other shards
+        self._outbox: dict[int, dict[int, np.ndarray]] = {}  # shard -> {parent: bytes} to send
+        self._changed: set[int] = set()  # watched pages written since the last seal
+        self._changed_all = True  # a fresh process does not know what changed before it
+        self._graph_indexes()
 
     # ---- recovery and replay --------------------------------------------------------------------
 
@@ -166,8 +183,10 @@ class ShardEngine:
                                   path=info.path)
         seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
         hwm = {int(c): s for c, s in info.extra.get("hwm", {}).items()}
+        derived = {int(c): (tuple(int(p) for p in ps), base64.b64decode(fn))
+                   for c, ps, fn in info.extra.get("derived", [])}
         return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, hwm,
-                         self._replica_from), info.lsn)
+                         self._replica_from, derived), info.lsn)
 
     def _recover(self) -> tuple[_Replica, int]:
         replica, lsn = self._start(None)
@@ -227,6 +246,8 @@ class ShardEngine:
                     items.append(None)
                     continue
                 slots, dest = self.arena.validate(batch)   # nothing is logged unless all are valid
+                if self._derived_ids.size:
+                    self._refuse_derived(batch.page_ids)
                 if batch.client_id:
                     seen[batch.client_id] = batch.seq
                 items.append((batch, payload if payload is not None else encode_deltas(batch),
@@ -242,6 +263,10 @@ class ShardEngine:
                 self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
                 acks.append(Ack(first, len(batch), epoch))
             self._state.hwm = seen
+            if self._watched_ids.size:
+                touched = np.concatenate([it[0].page_ids for it in items if it]
+                                         or [np.zeros(0, np.uint64)])
+                self._touched(touched)
             return acks
 
     def create_pages(self, n: int | None = None, size: int = 4096, dtype="uint8",
@@ -260,6 +285,11 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             ids, slots = self.arena.check_free(page_ids)
+            busy = np.isin(ids, np.concatenate([self._derived_ids, self._watched_ids]))
+            if busy.any():
+                page = int(ids[int(np.argmax(busy))])
+                raise InvalidPageError(f"page {page} is in the dependency graph: undepend first",
+                                       page=page)
             if ids.size:
                 self._log_control("free", ids=ids.astype("<u8").tobytes())
                 self.arena.free_validated(ids, slots)
@@ -278,6 +308,7 @@ class ShardEngine:
             self._log_control("restore", epoch=int(epoch))
             self._state.arena = self._replica_from(int(epoch), seal).arena
             self._asof = None
+            self._changed_all = True  # derived pages follow their restored parents at the barrier
 
     # ---- epochs and checkpoints -----------------------------------------------------------------
 
@@ -295,6 +326,7 @@ class ShardEngine:
                                                hash=seal.state_hash)
             self.log.sync()  # a seal is durable whatever the fsync policy of writes
             self._state.seals[epoch] = seal
+            self._changed, self._changed_all = set(), False
             return seal
 
     def checkpoint(self, epoch: int | None = None, *, wait: bool = True):
@@ -307,15 +339,18 @@ class ShardEngine:
             seal = self._seal(epoch)
             if epoch == self.last_sealed and self.log.next_lsn == self._seal_lsn + 1:
                 snap, hwm = self.arena.snapshot(self._reusable_buffer()), dict(self._state.hwm)
+                derived = dict(self._state.derived)
             else:
-                snap, hwm = None, None
+                snap, hwm, derived = None, None, None
         if snap is None:  # outside the lock: replay reads the log and older checkpoints only
-            snap, hwm = self._replayed_snapshot(epoch)
+            snap, hwm, derived = self._replayed_snapshot(epoch)
         seals = [[s.epoch, s.cut, s.state_hash] for s in self._state.seals.values()
                  if s.epoch <= epoch]
         future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
                                      state_hash=seal.state_hash,
-                                     extra={"seals": seals, "hwm": {str(k): v for k, v in hwm.items()}})
+                                     extra={"seals": seals, "hwm": {str(k): v for k, v in hwm.items()},
+                                            "derived": [[c, list(ps), base64.b64encode(fn).decode()]
+                                                        for c, (ps, fn) in sorted(derived.items())]})
         self._last_snapshot = (future, snap)
         return future.result() if wait else future
 
@@ -328,7 +363,7 @@ class ShardEngine:
 
     def _replayed_snapshot(self, epoch: int):
         _, replica = self._replica_at(epoch)
-        return replica.arena.snapshot(), replica.hwm
+        return replica.arena.snapshot(), replica.hwm, replica.derived
 
     def _replica_at(self, epoch: int) -> tuple[Seal, _Replica]:
         """The newest checkpoint at or before ``epoch`` plus the log up to the epoch's cut."""
@@ -357,6 +392,240 @@ class ShardEngine:
             if info.epoch < keep.epoch:
                 ckpt.delete_checkpoint(info, filesystem=self._fs)
         return self.log.drop_before(keep.lsn)
+
+    # ---- derived pages (mmsb_dist/graph.py) -----------------------------------------------------
+
+    def derive(self, child: int, parents, fn: bytes) -> None:
+        """Make ``child`` (a page of this shard) derived: ``fn`` (an encoded graph.Recompute) of
+        ``parents`` (pages of any shard). Logged, so recovery and checkpoints keep it. The
+        coordinator checks cycles and shapes over the whole graph before it calls this."""
+        from mmsb_dist.graph import Recompute
+
+        child = int(child)
+        parents = np.ascontiguousarray(parents, dtype="<u8").reshape(-1)
+        Recompute.decode(fn)  # a malformed record is refused before it is logged
+        with self._lock:
+            self._check_open()
+            self.arena.slots_of([child])
+            if child in self._state.derived:
+                raise InvalidPageError(f"page {child} is already derived (undepend it first)",
+                                       page=child)
+            self._log_control("derive", child=child, parents=parents.tobytes(), fn=bytes(fn))
+            self._state.derived[child] = (tuple(int(p) for p in parents), bytes(fn))
+            self._changed.add(child)  # computed at the next barrier
+            self._graph_indexes()
+
+    def underive(self, child: int) -> None:
+        """``child`` becomes an ordinary page again (its bytes stay)."""
+        child = int(child)
+        with self._lock:
+            self._check_open()
+            if child not in self._state.derived:
+                raise InvalidPageError(f"page {child} is not derived on shard {self.shard}",
+                                       page=child)
+            self._log_control("underive", child=child)
+            del self._state.derived[child]
+            self._graph_indexes()
+
+    def derivations(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(child, parents) of every derived page of this shard."""
+        with self._lock:
+            return [(c, ps) for c, (ps, _) in sorted(self._state.derived.items())]
+
+    def set_watch(self, table: dict) -> None:
+        """Which of this shard's pages have children on other shards (``{page: [shards]}``), so
+        that a write to one sends its bytes there (eager cross-shard propagation). Not logged: the
+        coordinator pushes it again after a restart."""
+        with self._lock:
+            self._watch = {int(p): [int(s) for s in ss] for p, ss in table.items()}
+            self._graph_indexes()
+
+    def page_info(self, page_ids) -> list[tuple[int, str]]:
+        """(size in bytes, dtype) of each page; UnknownPageError for a missing one."""
+        with self._lock:
+            return [(i.size, i.dtype) for i in (self.arena.info(int(p)) for p in page_ids)]
+
+    def changes(self) -> tuple[np.ndarray, bool]:
+        """Pages with children (here or elsewhere) written since the last seal, and whether that
+        is unknown (True after a restart: then every such page counts as changed)."""
+        with self._lock:
+            return np.array(sorted(self._changed), np.uint64), self._changed_all
+
+    def recompute(self, children, remote: dict | None = None) -> dict:
+        """The barrier's recompute of ``children`` (derived pages of this shard, in topological
+        order) from the current state of their parents: local pages, earlier children of this
+        call, and ``remote`` (page -> bytes of parents on other shards). The results are logged as
+        one masked delta batch (the diff kernel) and applied; a function that fails leaves its
+        page as it was and is reported in ``errors``."""
+        remote = {int(p): np.ascontiguousarray(v).reshape(-1).view(np.uint8)
+                  for p, v in (remote or {}).items()}
+        with self._lock:
+            self._check_open()
+            self._remote.update(remote)
+            return self._recompute([int(c) for c in children], remote, strict=True)
+
+    def remote_changed(self, values: dict) -> dict:
+        """Parents on other shards changed (eager propagation): recompute their children here."""
+        values = {int(p): np.ascontiguousarray(v).reshape(-1).view(np.uint8)
+                  for p, v in values.items()}
+        with self._lock:
+            self._check_open()
+            self._remote.update(values)
+            order = self._local_downstream(values)
+            return self._recompute(order, self._remote, strict=False) if order else \
+                {"changed": 0, "errors": []}
+
+    def take_outbox(self) -> dict[int, dict[int, np.ndarray]]:
+        """What eager propagation wants sent: shard -> {page: bytes}; emptied."""
+        with self._lock:
+            out, self._outbox = self._outbox, {}
+            return out
+
+    def _graph_indexes(self) -> None:
+        derived = self._state.derived
+        self._derived_ids = np.array(sorted(derived), np.uint64)
+        kids: dict[int, list[int]] = {}
+        for c, (ps, _) in derived.items():
+            for p in set(ps):
+                kids.setdefault(p, []).append(c)
+        self._local_kids = kids
+        self._watched_ids = np.array(sorted(set(kids) | set(self._watch)), np.uint64)
+        # Topological order of this shard's derived pages over edges inside the shard.
+        indeg = {c: len({p for p in ps if p in derived}) for c, (ps, _) in derived.items()}
+        ready = sorted(c for c, d in indeg.items() if d == 0)
+        order = []
+        while ready:
+            node = ready.pop()
+            order.append(node)
+            for c in kids.get(node, ()):
+                indeg[c] -= 1
+                if indeg[c] == 0:
+                    ready.append(c)
+        self._local_rank = {c: i for i, c in enumerate(order)}
+
+    def _refuse_derived(self, page_ids) -> None:
+        hit = np.isin(page_ids, self._derived_ids)
+        if hit.any():
+            page = int(page_ids[int(np.argmax(hit))])
+            raise DerivedPageError(f"page {page} is derived: only its recompute function writes "
+                                   "it (undepend it first)", page=page)
+
+    def _touched(self, page_ids) -> None:
+        """After client writes: note changed parents, recompute children here (eagerly), queue
+        the bytes of parents with children elsewhere."""
+        hit = np.unique(page_ids[np.isin(page_ids, self._watched_ids)])
+        if not hit.size:
+            return
+        hit = [int(p) for p in hit]
+        self._changed.update(hit)
+        self._queue_remote(hit, {})
+        order = self._local_downstream(hit)
+        if order:
+            self._recompute(order, self._remote, strict=False)
+
+    def _local_downstream(self, pages) -> list[int]:
+        """This shard's derived pages downstream of ``pages`` over local edges, in order."""
+        seen, stack = set(), list(pages)
+        while stack:
+            for c in self._local_kids.get(stack.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+        return sorted(seen, key=self._local_rank.__getitem__)
+
+    def _queue_remote(self, pages, fresh: dict) -> None:
+        watched = [p for p in pages if p in self._watch]
+        if not watched:
+            return
+        missing = [p for p in watched if p not in fresh]
+        values = dict(fresh)
+        if missing:
+            values.update(zip(missing, (a.reshape(-1).view(np.uint8)
+                                        for a in self.arena.read_many(missing))))
+        for p in watched:
+            for s in self._watch[p]:
+                self._outbox.setdefault(s, {})[p] = values[p]
+
+    def _recompute(self, order: list[int], remote: dict, *, strict: bool) -> dict:
+        from mmsb_dist.graph import Recompute, evaluate
+
+        arena, be = self.arena, self.backend
+        xp = be.xp
+        derived = self._state.derived
+        local = sorted({p for c in order for p in derived[c][0]} | set(order))
+        present = arena.present(local)
+        here = [p for p, ok in zip(local, present) if ok]
+        slots = arena.slots_of(here)
+        where = {p: (int(arena._offsets[s]), int(arena._sizes[s]), DTYPES[arena._dtypes[s]])
+                 for p, s in zip(here, slots)}
+        buf = arena.buffer
+        new: dict[int, object] = {}
+        errors: list[tuple[int, str]] = []
+        for c in order:
+            parents, fn = derived[c]
+            args = []
+            for p in parents:
+                v = new.get(p)
+                if v is None:
+                    if p in where:
+                        off, size, _ = where[p]
+                        v = buf[off:off + size]
+                    elif p in remote:
+                        v = be.upload(remote[p]) if xp is not np else remote[p]
+                    else:
+                        break
+                args.append(v)
+            if len(args) != len(parents):
+                if strict:
+                    errors.append((c, f"parent {p} of derived page {c} is not available"))
+                continue
+            _, size, dtype = where[c]
+            try:
+                new[c] = evaluate(Recompute.decode(fn), args, c, size, dtype, xp)
+            except MmsbError as exc:
+                errors.append((c, str(exc)))
+        changed = self._log_recompute(new, where) if new else []
+        self._queue_remote(changed, {c: be.to_host(new[c]) for c in changed
+                                     if c in self._watch})
+        return {"changed": len(changed), "errors": errors}
+
+    def _log_recompute(self, new: dict, where: dict) -> list[int]:
+        """One masked batch turning each page of ``new`` into its new bytes (the diff kernel over
+        all of them at once: each page's range starts on a mask byte); logged, then applied."""
+        be = self.backend
+        ids = list(new)
+        offs = np.array([where[c][0] for c in ids], np.int64)
+        sizes = np.array([where[c][1] for c in ids], np.int64)
+        padded = (sizes + 7) // 8 * 8
+        starts = np.zeros(len(ids) + 1, np.int64)
+        np.cumsum(padded, out=starts[1:])
+        old_all = be.zeros(int(starts[-1]))
+        new_all = be.zeros(int(starts[-1]))
+        be.copy_runs(old_all, starts[:-1], self.arena.buffer, offs, sizes)
+        for c, st, n in zip(ids, starts[:-1], sizes):
+            new_all[st:st + n] = new[c]
+        mask = be.to_host(be.compare(old_all, new_all))
+        mstarts = starts // 8
+        changed = np.add.reduceat(mask.astype(np.int64), mstarts[:-1]) > 0 if mask.size else \
+            np.zeros(len(ids), bool)
+        rows = np.flatnonzero(changed)
+        if not rows.size:
+            return []
+        from mmsb_dist.delta import _gather, _starts
+
+        host = be.to_host(new_all)
+        lengths, mlengths = sizes[rows], (sizes[rows] + 7) // 8
+        dstarts, mst = _starts(lengths), _starts(mlengths)
+        batch = DeltaBatch(np.array([ids[r] for r in rows], np.uint64),
+                           np.zeros(rows.size, np.int64), dstarts,
+                           _gather(host, starts[rows], lengths, dstarts),
+                           np.ones(rows.size, bool), mst,
+                           _gather(mask, mstarts[rows], mlengths, mst))
+        slots, dest = self.arena.validate(batch)
+        first = self.log.append(encode_deltas(batch), epoch=self.open_epoch,
+                                lsn_count=len(batch))
+        self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
+        return [int(i) for i in batch.page_ids]
 
     # ---- reads ----------------------------------------------------------------------------------
 
@@ -394,6 +663,44 @@ class ShardEngine:
         self.arena.validate_state()
         cuts = [s.cut for s in self.seals()]
         assert cuts == sorted(cuts) and all(c <= self.log.next_lsn for c in cuts)
+
+    # ---- events and tracking (mmsb_dist/events.py) ----------------------------------------------
+
+    def events(self, from_lsn: int = 0, page_ids=None, *, with_deltas: bool = False,
+               rows_max: int | None = None, bytes_max: int | None = None, epoch_min: int = 0):
+        """What the log holds from ``from_lsn``, as one bounded event batch and the LSN to resume
+        from (an ``events.EventRead``). Reads the log only (no lock held against writers);
+        LogCompactedError below the first retained LSN. See docs/events.md."""
+        from mmsb_dist import events, limits
+
+        self._check_open()
+        return events.read_events(
+            self.log, from_lsn, page_ids, with_deltas=with_deltas, epoch_min=epoch_min,
+            rows_max=limits.event_rows_max if rows_max is None else rows_max,
+            bytes_max=limits.event_bytes_max if bytes_max is None else bytes_max)
+
+    def epoch_start_lsn(self, epoch: int) -> int:
+        """The LSN where the events of ``epoch`` start (the cut of the newest seal before it)."""
+        from mmsb_dist import events
+
+        return events.epoch_start_lsn(self.seals(), epoch)
+
+    def track(self, page_id: int, *, client_id: int = 0, seq: int = 0):
+        """A context manager: a writable copy of the page (a CuPy array on the CuPy backend) whose
+        difference from its twin is applied as one masked delta, with delta id (client_id, seq),
+        when the block ends normally; nothing on an exception. See events.PageTrack."""
+        from dataclasses import replace
+
+        from mmsb_dist import events
+
+        def load():
+            with self._lock:
+                return self.arena.view(page_id).copy()
+
+        def write(delta):
+            return self.apply(replace(delta, client_id=client_id, seq=seq))
+
+        return events.PageTrack(page_id, load, write, self.backend)
 
     # ---- lifecycle ------------------------------------------------------------------------------
 

@@ -16,11 +16,14 @@ __all__ = [
     "SerializationError",
     "CorruptionError",
     "GraphCycleError",
+    "DerivedPageError",
     "EpochError",
     "LogError",
     "LogClosedError",
     "LogFailedError",
     "LogBusyError",
+    "LogCompactedError",
+    "GatewayError",
 ]
 
 
@@ -107,6 +110,10 @@ class GraphCycleError(MmsbError, ValueError):
     """A dependency registration would close a cycle; nothing was registered."""
 
 
+class DerivedPageError(InvalidDeltaError):
+    """A write names a derived page: derived pages change only by recompute (undepend first)."""
+
+
 class EpochError(MmsbError, RuntimeError):
     """The epoch protocol was driven out of order (sealing a past epoch, reading an epoch that was
     never committed or is no longer retained, a stale coordinator)."""
@@ -127,3 +134,28 @@ class LogFailedError(LogError):
 
 class LogBusyError(LogError):
     """Another open LogPartition, in this process or another, holds the directory."""
+
+
+class LogCompactedError(LogError):
+    """A read from an LSN that retention (``compact``) has dropped: the events or frames asked for
+    are gone. Never skipped silently; resume from ``first_lsn`` (the oldest retained) knowingly,
+    or rebuild from a checkpoint."""
+
+    def __init__(self, message: str, *, first_lsn: int | None = None, **where):
+        self.first_lsn = first_lsn
+        super().__init__(message, **where)
+
+    def __reduce__(self):
+        return (_rebuild_compacted, (self.args[0], self.first_lsn))
+
+
+def _rebuild_compacted(message, first_lsn):
+    err = LogCompactedError.__new__(LogCompactedError)
+    Exception.__init__(err, message)
+    err.first_lsn, err.page, err.offset, err.length = first_lsn, None, None, None
+    return err
+
+
+class GatewayError(MmsbError, RuntimeError):
+    """The HTTP gateway cannot start as asked: a non-loopback address without a token, an address
+    it cannot bind, or another gateway of the same namespace with different settings."""
