@@ -403,7 +403,11 @@ class ShardEngine:
 
         child = int(child)
         parents = np.ascontiguousarray(parents, dtype="<u8").reshape(-1)
-        Recompute.decode(fn)  # a malformed record is refused before it is logged
+        recompute = Recompute.decode(fn)  # a malformed record is refused before it is logged
+        if recompute.kind == "user":  # and a function this shard cannot load, too
+            from mmsb_dist.graph import _unpickle
+
+            _unpickle(recompute.blob)
         with self._lock:
             self._check_open()
             self.arena.slots_of([child])
@@ -698,7 +702,8 @@ class ShardEngine:
                 return self.arena.view(page_id).copy()
 
         def write(delta):
-            return self.apply(replace(delta, client_id=client_id, seq=seq))
+            delta = replace(delta, client_id=client_id, seq=seq)
+            return delta, self.apply(delta)
 
         return events.PageTrack(page_id, load, write, self.backend)
 

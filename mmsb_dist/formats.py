@@ -46,6 +46,10 @@ class EventKind:
     RECOMPUTE = 1   # a derived page was recomputed (its delta is the diff)
     CREATE = 2
     FREE = 3
+    # Markers: they concern every page (page_id = ALL_PAGES), so a page filter never drops them.
+    SEAL = 4        # the shard sealed the row's epoch (not yet a commit: see docs/events.md)
+    RESTORE = 5     # the shard's state was rolled back to a sealed epoch (re-read your pages)
+    ALL_PAGES = (1 << 64) - 1   # the page id of a marker row (never a valid page id)
 
 
 EVENT_SCHEMA = _schema("event", [

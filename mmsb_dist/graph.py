@@ -111,7 +111,10 @@ def _unpickle(blob: bytes):
     try:
         return cloudpickle.loads(blob)
     except Exception as exc:  # a module the function needs is missing here, or damaged bytes
-        raise MmsbError(f"cannot load the user recompute function here: {exc!r}") from exc
+        raise InvalidDeltaError(
+            f"cannot load the user recompute function here: {exc!r} (define it in the driver "
+            "script, or make its module importable on the cluster, e.g. through the job's "
+            "working_dir, or cloudpickle.register_pickle_by_value(module))") from exc
 
 
 def check_shapes(fn: Recompute, child: int, child_info: tuple[int, str],

@@ -108,3 +108,84 @@ shard_start_timeout_s = 600.0
 # A restarted shard retries opening its log this long while the previous process still holds the
 # log's lock (it is releasing it as it dies); past this the shard fails to start.
 shard_log_busy_wait_s = 30.0
+
+# ---- events and subscriptions (mmsb_dist/events.py) ----------------------------------------------
+
+# Rows in one event batch (one ShardEngine.events call, one batch a subscriber receives). Bounds the
+# memory of one call on both sides; 64 Ki rows is ~2 MiB of columns without deltas, and far past the
+# point where the per-call cost (~1 ms round trip) stops mattering. A create or free record's rows
+# are never split (they share one LSN), so one such record may exceed it.
+event_rows_max = 64 << 10
+
+# Delta bytes (payload + mask) in one event batch when a subscriber asks for deltas. At least one
+# row is always delivered, so a single delta larger than this (up to limits.batch_bytes_max) still
+# goes through, alone.
+event_bytes_max = 16 << 20
+
+# Log bytes one events call reads at most, matching or not. Bounds the time a call holds the shard
+# (a filter that matches nothing would otherwise scan the whole log in one call) at ~tens of ms.
+event_scan_bytes_max = 64 << 20
+
+# Event batches a subscription holds per shard, received but not yet taken by the caller. The
+# shard's pump waits when its buffer is full (backpressure), so memory is bounded by this times
+# event_rows_max / event_bytes_max per shard.
+subscription_prefetch_batches_max = 4
+
+# How often a caught-up subscription polls a shard for new frames, and the longest a caller may
+# ask for. Each poll is one actor call (~1 ms of the shard's time); the bound keeps latency sane.
+subscription_poll_s = 0.05
+subscription_poll_s_max = 5.0
+
+# One events call (a shard restart included: ~1-3 s here, recovery of a large shard longer), and how
+# long a subscription keeps retrying a shard that fails before it raises the error to its caller.
+subscription_call_timeout_s = 60.0
+subscription_retry_s = 300.0
+
+# ---- HTTP gateway (mmsb_dist/gateway.py) ---------------------------------------------------------
+# The defaults of start_gateway(); each can be set per gateway (`mmsb-dist start --gateway ...`).
+
+# One request body. The gateway holds a body whole in memory while it decodes it, so this bounds
+# the memory one request pins (times the requests in flight); 16 MiB is ~250k 64-byte deltas as
+# Arrow, enough that the per-request cost (~1 ms) is noise. Larger loads go through write_many.
+gateway_body_bytes_max = 16 << 20
+
+# Deltas in one batch request (msgpack or Arrow). A msgpack batch becomes Python objects per delta
+# before it is packed into columns (~0.5 us each), so this also bounds the gateway's CPU per request.
+gateway_batch_deltas_max = 100_000
+
+# Pages created by one request, and their bytes (count x size): a create is cheap to ask for and
+# costs the shards that much memory, so it is bounded well below pages_per_call_max.
+gateway_create_pages_max = 1 << 16
+gateway_create_bytes_max = 256 << 20
+
+# The per-client token bucket: sustained requests per second and the burst above it. A client is
+# one remote address. Above it a client gets 429 with Retry-After.
+gateway_rate_per_s = 2_000.0
+gateway_rate_burst = 4_000
+
+# Clients the rate limiter remembers (least recently seen forgotten first): bounds its memory.
+gateway_rate_clients_max = 10_000
+
+# Requests the gateway serves at once; more wait in the listen backlog (bounded by the kernel).
+# Bounds the bodies in memory to this times gateway_body_bytes_max.
+gateway_requests_inflight_max = 64
+
+# How long start_gateway waits for the gateway actor to be placed and listening.
+gateway_start_timeout_s = 60.0
+
+# The longest a request waits for the runtime (a shard restart takes ~1-3 s here; a commit waits for
+# every shard's seal). Past it the client gets 503 and the outcome of a write is unknown, as with any
+# HTTP timeout: a write may still be applied (retry it; per byte, last writer wins).
+gateway_call_timeout_s = 120.0
+
+# ---- dependency graph (mmsb_dist/graph.py) ---------------------------------------------------------
+
+# A shard holds writes back while the epoch barrier recomputes derived pages from the cut; if the
+# coordinator dies mid-barrier, the shard lets writes through again after this long (its seal is
+# then refused, so that attempt aborts). Must exceed a barrier's real length (a recompute round per
+# cross-shard hop), and bounds how long a write can stall behind a dead coordinator.
+barrier_hold_s = 120.0
+
+# Recompute errors (a user function raised or returned the wrong shape) the coordinator keeps for
+# Bus.stats(): the newest ones; the page they name keeps its last good bytes.
+recompute_errors_kept = 100

@@ -26,7 +26,8 @@ import ray
 
 from mmsb_dist import limits
 from mmsb_dist.delta import DeltaBatch
-from mmsb_dist.errors import CorruptionError, EpochError
+from mmsb_dist.errors import CorruptionError, EpochError, InvalidPageError, MmsbError
+from mmsb_dist.graph import DependencyGraph, changed_pages, make_fn, run_plan
 from mmsb_dist.formats import encode_deltas
 from mmsb_dist.placement import shards_of
 from mmsb_dist.protocol import (Abort, Commit, Committed, DecisionLog, EpochProtocol, Prepare,
@@ -58,7 +59,13 @@ class ShardActor:
             ShardEngine)
         self.engine = open_engine(os.path.join(data_dir, f"shard-{shard:04d}"), shard=shard,
                                   backend=backend, fsync=fsync)
+        from mmsb_dist.metrics import ShardMetrics
+        self.metrics = ShardMetrics(ray.get_runtime_context().namespace, shard, self.engine)
+        self._gate = threading.Condition()  # writes wait on it while a barrier holds them
+        self._frozen: tuple[int, float] | None = None  # (epoch, deadline) of the barrier
+        self._peers: dict = {}  # shard -> actor handle, for eager cross-shard propagation
 
+    @ray.method(concurrency_group="control")
     def ping(self) -> dict:
         return {"shard": self.engine.shard, "node": ray.get_runtime_context().get_node_id(),
                 "pid": os.getpid(), "backend": self.engine.backend.name}
@@ -72,22 +79,42 @@ class ShardActor:
         return int(todo.size)
 
     def apply(self, payload) -> tuple:
-        ack = self.engine.apply(payload)
+        start = time.perf_counter()
+        with self._gate:
+            self._wait_open()
+            ack = self.engine.apply(payload)
+        self._send_outbox()
+        self.metrics.applied(0 if ack.duplicate else ack.count,  # bytes: the encoded batch
+                             getattr(payload, "nbytes", None) or len(payload),
+                             time.perf_counter() - start)
         return ack.first_lsn, ack.count, ack.epoch, ack.duplicate
 
     def read_many(self, ids, epoch=None) -> list:
         return self.engine.read_many(ids, epoch)
 
-    def seal(self, epoch: int) -> tuple:
-        last = self.engine.last_sealed
-        if epoch <= last:  # a re-driven prepare after a restart: the seal is already durable
-            seal = next(s for s in self.engine.seals() if s.epoch == epoch)
-        else:
-            seal = self.engine.seal(epoch)
+    @ray.method(concurrency_group="control")
+    def seal(self, epoch: int, held: bool = False) -> tuple:
+        """Seal ``epoch``; ``held``: the barrier froze this shard first, and must still hold it
+        (a shard that restarted or timed out in between may have taken writes since the
+        recompute, so its seal is refused and the attempt aborts). Ends the barrier."""
+        with self._gate:
+            try:
+                last = self.engine.last_sealed
+                if epoch <= last:  # a re-driven prepare after a restart: already durable
+                    seal = next(s for s in self.engine.seals() if s.epoch == epoch)
+                elif held and (self._frozen is None or self._frozen[0] != epoch):
+                    raise EpochError(f"shard {self.engine.shard} was not held for the barrier "
+                                     f"of epoch {epoch} (restarted or timed out)")
+                else:
+                    seal = self.engine.seal(epoch)
+            finally:
+                self._frozen = None
+                self._gate.notify_all()
         return seal.cut, seal.state_hash
 
     def checkpoint(self, epoch: int) -> dict:
         info = self.engine.checkpoint(epoch)
+        self.metrics.checkpointed(info.lsn, info.epoch)
         return {"epoch": info.epoch, "lsn": info.lsn, "bytes": info.stored_bytes}
 
     def replay_hash(self, epoch: int) -> int:
@@ -97,8 +124,105 @@ class ShardActor:
         self.engine.restore(epoch)
         return self.engine.state_hash()
 
+    @ray.method(concurrency_group="control")
     def stats(self) -> dict:
-        return {**self.engine.statistics(), **self.ping()}
+        return {**self.engine.statistics(), **self.ping(), "metrics": self.metrics.totals()}
+
+    # ---- the barrier and derived pages (mmsb_dist/graph.py) --------------------------------------
+    # These run on the "control" thread, so the coordinator reaches a shard whose default thread
+    # holds a write back until the barrier is over (calls of one group run in arrival order).
+
+    def _wait_open(self) -> None:
+        """Called with the gate held: wait while a barrier holds writes (at most until its
+        deadline: a coordinator that died mid-barrier does not stop writes for good)."""
+        while self._frozen is not None:
+            left = self._frozen[1] - time.monotonic()
+            if left <= 0:
+                self._frozen = None
+                self._gate.notify_all()
+                return
+            self._gate.wait(left)
+
+    def _send_outbox(self) -> None:
+        """Eager cross-shard propagation: changed parents' bytes to the shards of their children
+        (fire and forget: the barrier recomputes from the cut whatever these do not)."""
+        for shard, values in self.engine.take_outbox().items():
+            handle = self._peers.get(shard)
+            if handle is None:
+                handle = self._peers[shard] = ray.get_actor(
+                    _shard_name(shard), namespace=ray.get_runtime_context().namespace)
+            handle.parent_changed.remote(values)
+
+    def parent_changed(self, values: dict) -> int:
+        with self._gate:
+            self._wait_open()
+            done = self.engine.remote_changed(values)["changed"]
+        self._send_outbox()
+        return done
+
+    @ray.method(concurrency_group="control")
+    def freeze(self, epoch: int) -> tuple:
+        """Hold writes for the barrier of ``epoch``; report the changed parents."""
+        with self._gate:
+            self._frozen = (int(epoch), time.monotonic() + limits.barrier_hold_s)
+            ids, unknown = self.engine.changes()
+            return ids, unknown
+
+    @ray.method(concurrency_group="control")
+    def thaw(self) -> None:
+        with self._gate:
+            self._frozen = None
+            self._gate.notify_all()
+
+    @ray.method(concurrency_group="control")
+    def read_cut(self, ids) -> list:
+        return [a.reshape(-1).view(np.uint8) for a in self.engine.read_many(ids)]
+
+    @ray.method(concurrency_group="control")
+    def recompute(self, children, remote) -> dict:
+        if self._frozen is None:
+            raise EpochError(f"shard {self.engine.shard} is not in a barrier (it restarted or "
+                             "its barrier timed out)")
+        out = self.engine.recompute(children, remote)
+        self.engine.take_outbox()  # the barrier already carried these values across
+        return out
+
+    @ray.method(concurrency_group="control")
+    def derive(self, child: int, parents, fn: bytes) -> None:
+        self.engine.derive(child, parents, fn)
+
+    @ray.method(concurrency_group="control")
+    def underive(self, child: int) -> None:
+        self.engine.underive(child)
+
+    @ray.method(concurrency_group="control")
+    def derivations(self) -> list:
+        return self.engine.derivations()
+
+    @ray.method(concurrency_group="control")
+    def set_watch(self, table: dict) -> None:
+        self.engine.set_watch(table)
+
+    @ray.method(concurrency_group="control")
+    def page_info(self, ids) -> list:
+        return self.engine.page_info(ids)
+
+    # ---- events (mmsb_dist/events.py) ---------------------------------------------------------
+
+    def events(self, from_lsn: int, page_ids=None, *, with_deltas: bool = False,
+               rows_max: int | None = None, epoch_min: int = 0) -> tuple:
+        """One bounded event batch from ``from_lsn``: (Arrow IPC bytes as uint8, next LSN, more)."""
+        from mmsb_dist.events import encode_event_read
+
+        read = self.engine.events(from_lsn, page_ids, with_deltas=with_deltas,
+                                  rows_max=rows_max, epoch_min=epoch_min)
+        return encode_event_read(read, self.engine.shard)
+
+    def event_position(self, epoch: int | None = None) -> int:
+        """Where a subscription starts: the events of ``epoch`` on, or (None) what comes next."""
+        if epoch is None:
+            return self.engine.log.next_lsn
+        return self.engine.epoch_start_lsn(int(epoch))
 
 
 class CoordinatorActor:
@@ -112,7 +236,7 @@ class CoordinatorActor:
         self.data_dir, self.n = data_dir, int(shards)
         self.timeout = prepare_timeout_s
         opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
-        self.shards = [ray.remote(ShardActor).options(name=_shard_name(i), **opts).remote(
+        self.shards = [ray.remote(concurrency_groups={"control": 2})(ShardActor).options(name=_shard_name(i), **opts).remote(
             i, data_dir, backend, fsync) for i in range(self.n)]
         try:  # every shard placed, recovered and serving
             ray.get([s.ping.remote() for s in self.shards], timeout=limits.shard_start_timeout_s)
@@ -122,6 +246,7 @@ class CoordinatorActor:
                 f"{limits.shard_start_timeout_s:g} s: does the cluster have the resources "
                 f"({opts['num_cpus']} CPU, {opts['num_gpus']} GPU each)?"
             ) from exc
+        self._load_graph()
         self.dlog = DecisionLog(os.path.join(data_dir, "coordinator"))
         records = self.dlog.records()
         self.next_id = max([r["hwm"] for r in records if r["k"] == "ids"], default=0)
@@ -129,6 +254,8 @@ class CoordinatorActor:
         self.proto, todo = EpochProtocol.recover(range(self.n), records, now=time.monotonic(),
                                                  prepare_timeout_s=prepare_timeout_s)
         self._carry_out(todo)
+        from mmsb_dist.metrics import CoordinatorMetrics
+        self.metrics = CoordinatorMetrics(namespace, self.proto.last_committed)
         if auto_commit_s > 0:
             threading.Thread(target=self._auto_commit, args=(auto_commit_s,), daemon=True,
                              name="mmsb-auto-commit").start()
@@ -161,10 +288,17 @@ class CoordinatorActor:
         """Close the open epoch on every shard; returns it once committed. EpochError when the
         attempt was aborted (a shard failed or timed out): nothing was committed then."""
         with self._lock:
+            start = time.perf_counter()
             committed = self._carry_out(self.proto.begin(now=time.monotonic()))
             if not committed:
+                self.metrics.aborted()
                 raise EpochError(f"epoch {self.proto.last_epoch} was aborted")
+            self.metrics.committed(committed[-1], time.perf_counter() - start)
             return committed[-1]
+
+    def stats(self) -> dict:
+        """Shard count, data directory and the commit metrics' totals (mmsb_dist/metrics.py)."""
+        return {**self.info(), **self.metrics.totals()}
 
     def restore(self, epoch: int) -> int:
         """Roll every shard back to committed ``epoch``, then commit the restored state as a new
@@ -197,15 +331,117 @@ class CoordinatorActor:
         return committed
 
     def _prepare(self, ins: Prepare) -> list:
-        refs = {s: self.shards[s].seal.remote(ins.epoch) for s in ins.shards}
+        if not self.graph.parents:  # nothing derived: each shard's seal is the whole barrier
+            refs = {s: self.shards[s].seal.remote(ins.epoch) for s in ins.shards}
+            return self._collect_seals(ins.epoch, refs)
+        failed = {"shard": ins.shards[0]}
+
+        def get(refs: dict) -> dict:
+            out = {}
+            for s, ref in refs.items():
+                failed["shard"] = s
+                out[s] = ray.get(ref, timeout=self.timeout)
+            return out
+
+        def fetch(wanted):
+            got = get({o: self.shards[o].read_cut.remote(ids) for o, ids in wanted.items()})
+            return {p: v for o, ids in wanted.items() for p, v in zip(ids, got[o])}
+
+        def recompute(tasks):
+            return get({s: self.shards[s].recompute.remote(ch, rem)
+                        for s, (ch, rem) in tasks.items()})
+
+        try:  # hold writes, recompute from the cut in topological order, then seal
+            reports = get({s: self.shards[s].freeze.remote(ins.epoch) for s in ins.shards})
+            changed = changed_pages(self.graph, reports, self._owner, self.pending)
+            plan = self.graph.plan(changed, self._owner)
+            errors = run_plan(self.graph, plan, self._owner, fetch, recompute)
+        except (ray.exceptions.RayError, TimeoutError, MmsbError):
+            for s in ins.shards:  # let writes through again (a shard that is gone needs nothing)
+                self.shards[s].thaw.remote()
+            return self.proto.shard_failed(failed["shard"], now=time.monotonic())
+        self.recompute_errors = (self.recompute_errors + [
+            {"epoch": ins.epoch, "page": c, "error": m} for c, m in errors
+        ])[-limits.recompute_errors_kept:]
+        self.recomputed_pages += len(plan)
+        restarted = [s for s, (_, unknown) in reports.items() if unknown]
+        out = self._collect_seals(ins.epoch, {s: self.shards[s].seal.remote(ins.epoch, True)
+                                              for s in ins.shards})
+        if any(isinstance(i, Abort) for i in out):
+            return out
+        self.pending.clear()
+        if restarted:  # their watch tables died with them
+            self._push_watch(restarted)
+        return out
+
+    def _collect_seals(self, epoch: int, refs: dict) -> list:
         out = []
         for s, ref in refs.items():
             try:
                 cut, h = ray.get(ref, timeout=self.timeout)
             except (ray.exceptions.RayError, TimeoutError):
                 return self.proto.shard_failed(s, now=time.monotonic())
-            out += self.proto.prepared(s, ins.epoch, cut, h)
+            out += self.proto.prepared(s, epoch, cut, h)
         return out + self.proto.tick(now=time.monotonic())
+
+    # ---- the dependency graph ------------------------------------------------------------------
+
+    def _owner(self, page: int) -> int:
+        return int(shards_of(np.array([page], np.uint64), self.n)[0])
+
+    def _load_graph(self) -> None:
+        """The graph is the union of the shards' derived pages (each shard logs its own): a
+        restarted coordinator rebuilds it and recomputes every derived page at the next barrier
+        (an unchanged one logs nothing)."""
+        self.graph = DependencyGraph()
+        for edges in ray.get([s.derivations.remote() for s in self.shards]):
+            for child, parents in edges:
+                self.graph.parents[int(child)] = tuple(parents)
+                for p in parents:
+                    self.graph.children.setdefault(int(p), set()).add(int(child))
+        self.pending = set(self.graph.parents)
+        self.recompute_errors: list = []
+        self.recomputed_pages = 0
+        self._push_watch(range(self.n))
+
+    def _push_watch(self, shards) -> None:
+        tables = self.graph.watch_tables(self._owner)
+        ray.get([self.shards[s].set_watch.remote(tables.get(s, {})) for s in shards])
+
+    def depend(self, child: int, parents, fn: bytes) -> None:
+        """Register derived page ``child`` = fn(parents): checked whole (pages exist, no cycle,
+        shapes fit ``fn``) before anything is registered; computed at the next barrier."""
+        from mmsb_dist.graph import Recompute, check_shapes
+
+        with self._lock:
+            parents = self.graph.check_add(child, parents)
+            pages = [int(child), *parents]
+            owners = [self._owner(p) for p in pages]
+            infos = {}
+            for o in set(owners):
+                ids = [p for p, w in zip(pages, owners) if w == o]
+                infos.update(zip(ids, _unwrap(lambda: ray.get(self.shards[o].page_info.remote(ids)))))
+            check_shapes(Recompute.decode(fn), int(child), infos[int(child)],
+                         [(p, infos[p]) for p in parents])
+            _unwrap(lambda: ray.get(self.shards[owners[0]].derive.remote(int(child), parents, fn)))
+            self.graph.add(child, parents)
+            self.pending.add(int(child))
+            self._push_watch(sorted(set(owners)))
+
+    def undepend(self, child: int) -> None:
+        with self._lock:
+            if not self.graph.is_derived(child):
+                raise InvalidPageError(f"page {child} is not derived", page=int(child))
+            owners = {self._owner(p) for p in (int(child), *self.graph.parents[int(child)])}
+            _unwrap(lambda: ray.get(self.shards[self._owner(child)].underive.remote(int(child))))
+            self.graph.remove(child)
+            self.pending.discard(int(child))
+            self._push_watch(sorted(owners))
+
+    def graph_stats(self) -> dict:
+        return {"derived_pages": len(self.graph), "pending": len(self.pending),
+                "recomputed_pages": self.recomputed_pages,
+                "recompute_errors": list(self.recompute_errors)}
 
     def committed(self) -> dict:
         return {e: {s: list(c) for s, c in cuts.items()} for e, cuts in self.proto.committed.items()}
@@ -230,6 +466,16 @@ class CoordinatorActor:
             raise CorruptionError(f"replay of epoch {epoch} differs from its recorded hash on "
                                   f"shards {bad}")
         return {s: f"{h:016x}" for s, h in enumerate(got)}
+
+
+def _unwrap(call):
+    """``call()``, re-raising a typed error a shard raised as itself (not wrapped by Ray)."""
+    try:
+        return call()
+    except ray.exceptions.RayTaskError as exc:
+        if isinstance(exc.cause, MmsbError):
+            raise exc.cause from None
+        raise
 
 
 def _shard_options(backend: str, namespace: str, gpus_per_shard: float) -> dict:
@@ -327,6 +573,76 @@ class Bus:
                 raise EpochError(f"epoch {epoch} was never committed")
         return epoch
 
+    # ---- tracking and events (mmsb_dist/events.py) ----------------------------------------------
+
+    def track(self, page_id: int):
+        """``with bus.track(page) as arr:`` -- ``arr`` is a writable host copy of the page (typed);
+        on a normal exit its difference from the page as read is written as one masked delta,
+        durable on return and applied at most once (this client's delta id); nothing is written
+        when the block raises or changes nothing. The returned object's ``delta`` and ``ack``
+        say what was written."""
+        from mmsb_dist.engine import Ack
+        from mmsb_dist.events import PageTrack
+
+        page_id = int(page_id)
+
+        def write(delta):
+            self._seq += 1
+            delta = dataclasses.replace(delta, client_id=self.client_id, seq=self._seq)
+            shard = self.shards[int(shards_of(delta.page_ids, self.n)[0])]
+            payload = np.frombuffer(encode_deltas(delta), dtype=np.uint8)
+            return delta, Ack(*ray.get(shard.apply.remote(payload)))
+
+        return PageTrack(page_id, lambda: self.read(page_id), write)
+
+    def subscribe(self, page_ids=None, from_epoch: int | None = None, from_lsn=None,
+                  with_deltas: bool = False, *,
+                  prefetch_batches: int = limits.subscription_prefetch_batches_max,
+                  poll_s: float = limits.subscription_poll_s):
+        """An iterator of event batches (``events.Subscription``): every change to ``page_ids``
+        (None: to every page) in log order per shard, exactly once, surviving shard restarts.
+        Starts at ``from_lsn`` (a ``Subscription.position`` saved earlier: {shard: LSN}), else
+        at the events of ``from_epoch``, else at what comes next. docs/events.md."""
+        from mmsb_dist.events import Subscription
+
+        if from_epoch is not None and from_lsn is not None:
+            raise ValueError("give from_epoch or from_lsn, not both")
+        wanted = None
+        shards = list(range(self.n))
+        if page_ids is not None:
+            ids = np.unique(np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1))
+            owners = shards_of(ids, self.n)
+            wanted = {int(s): ids[owners == s] for s in np.unique(owners)}
+            shards = sorted(wanted)  # a shard that owns none of the pages has no events for us
+        if from_lsn is not None:
+            start = {int(s): int(v) for s, v in dict(from_lsn).items()}
+            missing = [s for s in shards if s not in start]
+            if missing:
+                raise ValueError(f"from_lsn has no position for shards {missing}")
+        else:
+            epoch = None if from_epoch is None else int(from_epoch)
+            start = dict(zip(shards, ray.get([self.shards[s].event_position.remote(epoch)
+                                              for s in shards])))
+        return Subscription({s: self.shards[s] for s in shards}, start, page_ids=wanted,
+                            with_deltas=with_deltas, epoch_min=int(from_epoch or 0),
+                            prefetch_batches=prefetch_batches, poll_s=poll_s)
+
+    # ---- derived pages (mmsb_dist/graph.py) -----------------------------------------------------
+
+    def depend(self, child: int, parents, fn) -> None:
+        """Make ``child`` a derived page: ``fn(parents)``, recomputed at every commit after a
+        parent changed (eagerly in between). ``fn``: a built-in name ("copy", "concat", "sum",
+        "max", "min", "xor"), ("slice", start, stop), or a callable over typed views. Checked
+        whole first: GraphCycleError, UnknownPageError or InvalidPageError, and nothing
+        registered. Writes to ``child`` are refused (DerivedPageError) until ``undepend``."""
+        encoded = make_fn(fn).encode()
+        _unwrap(lambda: ray.get(self.coordinator.depend.remote(
+            int(child), [int(p) for p in parents], encoded)))
+
+    def undepend(self, child: int) -> None:
+        """``child`` becomes an ordinary page again; its bytes stay."""
+        _unwrap(lambda: ray.get(self.coordinator.undepend.remote(int(child))))
+
     # ---- epochs -------------------------------------------------------------------------------
 
     def commit(self) -> int:
@@ -348,7 +664,9 @@ class Bus:
 
     def stats(self) -> dict:
         return {"shards": ray.get([s.stats.remote() for s in self.shards]),
-                "committed": self.committed_epochs()}
+                "committed": self.committed_epochs(),
+                "coordinator": ray.get(self.coordinator.stats.remote()),
+                "graph": ray.get(self.coordinator.graph_stats.remote())}
 
     def close(self) -> None:
         """Drop this client's handles (the runtime keeps running)."""
