@@ -161,6 +161,7 @@ class ShardEngine:
         self._outbox: dict[int, dict[int, np.ndarray]] = {}  # shard -> {parent: bytes} to send
         self._changed: set[int] = set()  # watched pages written since the last seal
         self._changed_all = True  # a fresh process does not know what changed before it
+        self.eager = True  # propagate on write (False: derived pages change only at barriers)
         self._graph_indexes()
 
     # ---- recovery and replay --------------------------------------------------------------------
@@ -522,6 +523,8 @@ class ShardEngine:
             return
         hit = [int(p) for p in hit]
         self._changed.update(hit)
+        if not self.eager:
+            return
         self._queue_remote(hit, {})
         order = self._local_downstream(hit)
         if order:

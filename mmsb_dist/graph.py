@@ -56,6 +56,10 @@ class Recompute:
 
     @classmethod
     def decode(cls, data: bytes) -> "Recompute":
+        return _decode(bytes(data))
+
+    @classmethod
+    def _decode(cls, data: bytes) -> "Recompute":
         try:
             kind, args, blob = msgpack.unpackb(bytes(data), raw=False)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
@@ -66,6 +70,12 @@ class Recompute:
         if self.kind == "user":
             return "user function"
         return self.kind + (f"{tuple(self.args)}" if self.args else "")
+
+
+@functools.lru_cache(maxsize=4096)
+def _decode(data: bytes) -> Recompute:
+    """Decoded once per distinct record (a recompute decodes its function every time)."""
+    return Recompute._decode(data)
 
 
 def _checked(r: Recompute) -> Recompute:
@@ -156,6 +166,11 @@ def check_shapes(fn: Recompute, child: int, child_info: tuple[int, str],
                                    page=child)
 
 
+@functools.lru_cache(maxsize=64)
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
 def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp):
     """``fn(parents)`` as a flat uint8 array of ``size`` bytes on ``xp`` (numpy or cupy).
     ``parents``: flat uint8 arrays on ``xp``."""
@@ -174,11 +189,11 @@ def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp
             op(out, v, out=out)
         return out.view(xp.uint8)
     user = _unpickle(fn.blob)
+    itemsize = _itemsize(dtype)
     views = []
     for p in parents:
-        v = p.view(dtype) if p.size % np.dtype(dtype).itemsize == 0 else p
-        if isinstance(v, np.ndarray):
-            v = v.view()
+        v = p.view(dtype) if p.size % itemsize == 0 else p[:]  # a new view: flags are its own
+        if type(v) is np.ndarray:
             v.flags.writeable = False
         views.append(v)
     try:
@@ -189,7 +204,9 @@ def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp
         raise InvalidDeltaError(f"the recompute function of derived page {child} raised "
                                 f"{exc!r}", page=child) from exc
     try:
-        out = xp.ascontiguousarray(xp.asarray(out, dtype=dtype)).reshape(-1).view(xp.uint8)
+        if not (type(out) is xp.ndarray and out.dtype == dtype and out.flags.c_contiguous):
+            out = xp.ascontiguousarray(xp.asarray(out, dtype=dtype))
+        out = out.reshape(-1).view(xp.uint8)
     except (TypeError, ValueError) as exc:
         raise InvalidDeltaError(f"the recompute function of derived page {child} returned "
                                 f"something that is not a {dtype} array: {exc}",
