@@ -8,13 +8,16 @@ from mmsb_dist.arena import DTYPES, PageArena, PageInfo
 from mmsb_dist.backend import Backend, get_backend, gpu_available
 from mmsb_dist.delta import DeltaBatch, compose, diff
 from mmsb_dist.engine import Ack, Seal, ShardEngine
+from mmsb_dist.events import PageTrack, Subscription
 from mmsb_dist.errors import (
     CapacityError,
     CorruptionError,
+    DerivedPageError,
     EpochError,
     GraphCycleError,
     InvalidDeltaError,
     InvalidPageError,
+    LogCompactedError,
     MmsbError,
     SerializationError,
     UnknownPageError,
@@ -51,7 +54,8 @@ __all__ = [
     "ShardEngine", "Ack", "Seal",
     "start", "connect", "stop", "Bus",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
-    "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
+    "SerializationError", "CorruptionError", "GraphCycleError", "DerivedPageError", "EpochError",
+    "LogCompactedError", "Subscription", "PageTrack",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",
     "encode_deltas", "decode_deltas", "encode_events", "decode_events",
     "pack_control", "unpack_control",

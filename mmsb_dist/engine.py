@@ -349,11 +349,15 @@ class ShardEngine:
                  if s.epoch <= epoch]
         future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
                                      state_hash=seal.state_hash,
-                                     extra={"seals": seals, "hwm": {str(k): v for k, v in hwm.items()},
-                                            "derived": [[c, list(ps), base64.b64encode(fn).decode()]
-                                                        for c, (ps, fn) in sorted(derived.items())]})
+                                     extra=self._checkpoint_extra(seals, hwm, derived))
         self._last_snapshot = (future, snap)
         return future.result() if wait else future
+
+    @staticmethod
+    def _checkpoint_extra(seals, hwm, derived) -> dict:
+        return {"seals": seals, "hwm": {str(k): v for k, v in hwm.items()},
+                "derived": [[c, list(ps), base64.b64encode(fn).decode()]
+                            for c, (ps, fn) in sorted(derived.items())]}
 
     def _reusable_buffer(self):
         """The last snapshot's buffer, once its checkpoint is written (nobody reads it then)."""

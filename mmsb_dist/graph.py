@@ -218,7 +218,7 @@ def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp
     return out
 
 
-# ---- the global graph ------------------------------------------------------------------------------
+# ---- the global graph ----------------------------------------------------------------------------
 
 @dataclass
 class Plan:

@@ -236,7 +236,8 @@ class CoordinatorActor:
         self.data_dir, self.n = data_dir, int(shards)
         self.timeout = prepare_timeout_s
         opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
-        self.shards = [ray.remote(concurrency_groups={"control": 2})(ShardActor).options(name=_shard_name(i), **opts).remote(
+        actor = ray.remote(concurrency_groups={"control": 2})(ShardActor)
+        self.shards = [actor.options(name=_shard_name(i), **opts).remote(
             i, data_dir, backend, fsync) for i in range(self.n)]
         try:  # every shard placed, recovered and serving
             ray.get([s.ping.remote() for s in self.shards], timeout=limits.shard_start_timeout_s)
@@ -420,7 +421,8 @@ class CoordinatorActor:
             infos = {}
             for o in set(owners):
                 ids = [p for p, w in zip(pages, owners) if w == o]
-                infos.update(zip(ids, _unwrap(lambda: ray.get(self.shards[o].page_info.remote(ids)))))
+                ref = self.shards[o].page_info.remote(ids)
+                infos.update(zip(ids, _unwrap(lambda: ray.get(ref))))
             check_shapes(Recompute.decode(fn), int(child), infos[int(child)],
                          [(p, infos[p]) for p in parents])
             _unwrap(lambda: ray.get(self.shards[owners[0]].derive.remote(int(child), parents, fn)))

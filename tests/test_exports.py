@@ -9,7 +9,8 @@ PUBLIC = {
     "ShardEngine", "Ack", "Seal",
     "start", "connect", "stop", "Bus",
     "MmsbError", "UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
-    "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
+    "SerializationError", "CorruptionError", "GraphCycleError", "DerivedPageError", "EpochError",
+    "LogCompactedError", "Subscription", "PageTrack",
     "DELTA_SCHEMA", "EVENT_SCHEMA", "FORMAT_VERSION", "EventKind",
     "encode_deltas", "decode_deltas", "encode_events", "decode_events",
     "pack_control", "unpack_control",
@@ -25,7 +26,8 @@ def test_public_names_are_pinned():
 
 def test_errors_share_a_base_and_name_the_place():
     for name in ("UnknownPageError", "InvalidDeltaError", "InvalidPageError", "CapacityError",
-                 "SerializationError", "CorruptionError", "GraphCycleError", "EpochError"):
+                 "SerializationError", "CorruptionError", "GraphCycleError", "EpochError",
+                 "LogCompactedError", "DerivedPageError"):
         assert issubclass(getattr(mmsb_dist, name), mmsb_dist.MmsbError)
     err = mmsb_dist.InvalidDeltaError("range beyond the page", page=3, offset=10, length=7)
     assert "page=3" in str(err) and "offset=10" in str(err) and "length=7" in str(err)

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from graphkit import LocalCluster, Oracle, oracle_fn
+from graphkit import LocalCluster, Oracle
 from mmsb_dist.delta import DeltaBatch
 from mmsb_dist.engine import ShardEngine
 from mmsb_dist.errors import (DerivedPageError, GraphCycleError, InvalidDeltaError,
@@ -100,7 +100,7 @@ def _depth_first(children, fns, values, start):
     visit(start)
 
 
-def test_diamond_is_glitch_free_where_depth_first_is_not(tmp_path):
+def test_diamond_is_glitch_free_where_depth_first_is_not(tmp_path, backend):
     # a -> b (copy), a -> c (copy), d = b + c. Write a = 1: d must be 2.
     children = {"a": ["b", "c"], "b": ["d"], "c": ["d"]}
     fns = {"b": (["a"], lambda a: a), "c": (["a"], lambda a: a), "d": (["b", "c"], np.add)}
@@ -110,7 +110,7 @@ def test_diamond_is_glitch_free_where_depth_first_is_not(tmp_path):
     assert values["d"][0] == 1  # depth first recomputed d from a stale c: the glitch
 
     for shards in (1, 3):
-        c = LocalCluster(tmp_path / f"s{shards}", shards=shards)
+        c = LocalCluster(tmp_path / f"s{shards}", shards=shards, backend=backend)
         try:
             a, b, cc, d = (int(p) for p in c.create(4, 16, "uint32"))
             c.depend(b, [a], "copy")
@@ -195,8 +195,8 @@ def test_random_dags_match_the_oracle_after_every_commit(tmp_path_factory, w):
         c.close()
 
 
-def test_eager_propagation_keeps_pages_current_between_commits(tmp_path, rng):
-    c = LocalCluster(tmp_path, shards=3)
+def test_eager_propagation_keeps_pages_current_between_commits(tmp_path, rng, backend):
+    c = LocalCluster(tmp_path, shards=3, backend=backend)
     o = Oracle()
     try:
         ids = [int(p) for p in c.create(12, SIZE, "uint32")]
@@ -222,8 +222,8 @@ def test_eager_propagation_keeps_pages_current_between_commits(tmp_path, rng):
         c.close()
 
 
-def test_long_chain_fan_in_16_and_fan_out_1000(tmp_path, rng):
-    c = LocalCluster(tmp_path, shards=3)
+def test_long_chain_fan_in_16_and_fan_out_1000(tmp_path, rng, backend):
+    c = LocalCluster(tmp_path, shards=3, backend=backend)
     o = Oracle()
     try:
         base = [int(p) for p in c.create(16, SIZE, "uint32")]
@@ -255,8 +255,8 @@ def test_long_chain_fan_in_16_and_fan_out_1000(tmp_path, rng):
         c.close()
 
 
-def test_concat_and_slice_shapes(tmp_path, rng):
-    c = LocalCluster(tmp_path, shards=2)
+def test_concat_and_slice_shapes(tmp_path, rng, backend):
+    c = LocalCluster(tmp_path, shards=2, backend=backend)
     try:
         a, b = (int(p) for p in c.create(2, 40))
         cat = int(c.create(1, 80)[0])
@@ -291,8 +291,8 @@ def test_writes_to_derived_pages_are_refused_and_change_nothing(tmp_path):
         c.close()
 
 
-def test_a_failing_user_function_leaves_its_page_and_reports(tmp_path):
-    c = LocalCluster(tmp_path, shards=1)
+def test_a_failing_user_function_leaves_its_page_and_reports(tmp_path, backend):
+    c = LocalCluster(tmp_path, shards=1, backend=backend)
     try:
         a, d, ok = (int(p) for p in c.create(3, 16))
 
