@@ -570,58 +570,65 @@ class ShardEngine:
         where = {p: (int(arena._offsets[s]), int(arena._sizes[s]), DTYPES[arena._dtypes[s]])
                  for p, s in zip(here, slots)}
         buf = arena.buffer
-        new: dict[int, object] = {}
+        # Old and new bytes of every page of ``order`` side by side, each range starting on a
+        # mask byte (8 bytes) so that one compare diffs them all; a page not recomputed keeps
+        # its old bytes in ``new_all`` and so diffs to nothing.
+        sizes = np.array([where[c][1] for c in order], np.int64)
+        starts = np.zeros(len(order) + 1, np.int64)
+        np.cumsum((sizes + 7) // 8 * 8, out=starts[1:])
+        old_all = be.zeros(int(starts[-1]))
+        be.copy_runs(old_all, starts[:-1], buf,
+                     np.array([where[c][0] for c in order], np.int64), sizes)
+        new_all = old_all.copy()
+        index = {c: i for i, c in enumerate(order)}
+        lo, hi = starts[:-1].tolist(), (starts[:-1] + sizes).tolist()  # Python ints: fast slices
+        done: set[int] = set()
         errors: list[tuple[int, str]] = []
-        for c in order:
+        for i, c in enumerate(order):
             parents, fn = derived[c]
             args = []
             for p in parents:
-                v = new.get(p)
-                if v is None:
-                    if p in where:
-                        off, size, _ = where[p]
-                        v = buf[off:off + size]
-                    elif p in remote:
-                        v = be.upload(remote[p]) if xp is not np else remote[p]
-                    else:
-                        break
+                if p in done:
+                    j = index[p]
+                    v = new_all[lo[j]:hi[j]]
+                elif p in where:
+                    off, size, _ = where[p]
+                    v = buf[off:off + size]
+                elif p in remote:
+                    v = be.upload(remote[p]) if xp is not np else remote[p]
+                else:
+                    break
                 args.append(v)
             if len(args) != len(parents):
                 if strict:
                     errors.append((c, f"parent {p} of derived page {c} is not available"))
                 continue
-            _, size, dtype = where[c]
             try:
-                new[c] = evaluate(Recompute.decode(fn), args, c, size, dtype, xp)
+                evaluate(Recompute.decode(fn), args, c, hi[i] - lo[i], where[c][2], xp,
+                         out=new_all[lo[i]:hi[i]])
             except MmsbError as exc:
                 errors.append((c, str(exc)))
-        changed = self._log_recompute(new, where) if new else []
-        self._queue_remote(changed, {c: be.to_host(new[c]) for c in changed
-                                     if c in self._watch})
-        return {"changed": len(changed), "errors": errors}
+                continue
+            done.add(c)
+        rows, host = self._log_recompute(order, old_all, new_all, starts, sizes) if done else \
+            ((), None)
+        watched = {order[r]: host[lo[r]:hi[r]] for r in rows if order[r] in self._watch}
+        if watched:
+            self._queue_remote(list(watched), watched)
+        return {"changed": len(rows), "errors": errors}
 
-    def _log_recompute(self, new: dict, where: dict) -> list[int]:
-        """One masked batch turning each page of ``new`` into its new bytes (the diff kernel over
-        all of them at once: each page's range starts on a mask byte); logged, then applied."""
+    def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> dict:
+        """One masked batch turning each changed page of ``ids`` into its bytes in ``new_all``
+        (the diff kernel over all of them at once); logged, then applied. Returns the rows of
+        ``ids`` that changed and ``new_all`` on the host."""
         be = self.backend
-        ids = list(new)
-        offs = np.array([where[c][0] for c in ids], np.int64)
-        sizes = np.array([where[c][1] for c in ids], np.int64)
-        padded = (sizes + 7) // 8 * 8
-        starts = np.zeros(len(ids) + 1, np.int64)
-        np.cumsum(padded, out=starts[1:])
-        old_all = be.zeros(int(starts[-1]))
-        new_all = be.zeros(int(starts[-1]))
-        be.copy_runs(old_all, starts[:-1], self.arena.buffer, offs, sizes)
-        for c, st, n in zip(ids, starts[:-1], sizes):
-            new_all[st:st + n] = new[c]
         mask = be.to_host(be.compare(old_all, new_all))
         mstarts = starts // 8
         changed = np.add.reduceat(mask.astype(np.int64), mstarts[:-1]) > 0 if mask.size else \
             np.zeros(len(ids), bool)
         rows = np.flatnonzero(changed)
         if not rows.size:
-            return []
+            return (), None
         from mmsb_dist.delta import _gather, _starts
 
         host = be.to_host(new_all)
@@ -636,7 +643,7 @@ class ShardEngine:
         first = self.log.append(encode_deltas(batch), epoch=self.open_epoch,
                                 lsn_count=len(batch))
         self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
-        return [int(i) for i in batch.page_ids]
+        return rows.tolist(), host
 
     # ---- reads ----------------------------------------------------------------------------------
 

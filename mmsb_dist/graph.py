@@ -166,28 +166,46 @@ def check_shapes(fn: Recompute, child: int, child_info: tuple[int, str],
                                    page=child)
 
 
+_OPS = {"sum": lambda xp: xp.add, "max": lambda xp: xp.maximum,
+        "min": lambda xp: xp.minimum, "xor": lambda xp: xp.bitwise_xor}
+
+
 @functools.lru_cache(maxsize=64)
 def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
-def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp):
-    """``fn(parents)`` as a flat uint8 array of ``size`` bytes on ``xp`` (numpy or cupy).
-    ``parents``: flat uint8 arrays on ``xp``."""
+def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp, out=None):
+    """``fn(parents)`` as a flat uint8 array of ``size`` bytes on ``xp`` (numpy or cupy), written
+    into ``out`` when given (built-ins write there directly: one kernel per hop on a GPU).
+    ``parents``: flat uint8 arrays on ``xp``. ``out`` is only written once the result is known
+    good, so a failing function leaves it as it was."""
     kind = fn.kind
+    if out is None:
+        out = xp.empty(size, xp.uint8)
     if kind == "copy":
-        return parents[0].copy()
+        out[...] = parents[0]
+        return out
     if kind == "slice":
-        return parents[0][fn.args[0]:fn.args[1]].copy()
+        out[...] = parents[0][fn.args[0]:fn.args[1]]
+        return out
     if kind == "concat":
-        return xp.concatenate(parents)
+        pos = 0
+        for p in parents:
+            out[pos:pos + p.size] = p
+            pos += p.size
+        return out
     if kind in _REDUCERS:
         views = [p.view(dtype) for p in parents]
-        op = {"sum": xp.add, "max": xp.maximum, "min": xp.minimum, "xor": xp.bitwise_xor}[kind]
-        out = views[0].copy()
-        for v in views[1:]:
-            op(out, v, out=out)
-        return out.view(xp.uint8)
+        op = _OPS[kind](xp)
+        typed = out.view(dtype)
+        if len(views) == 1:
+            typed[...] = views[0]
+        else:
+            op(views[0], views[1], out=typed)
+            for v in views[2:]:
+                op(typed, v, out=typed)
+        return out
     user = _unpickle(fn.blob)
     itemsize = _itemsize(dtype)
     views = []
@@ -197,24 +215,26 @@ def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp
             v.flags.writeable = False
         views.append(v)
     try:
-        out = user(*views)
+        result = user(*views)
     except MmsbError:
         raise
     except Exception as exc:
         raise InvalidDeltaError(f"the recompute function of derived page {child} raised "
                                 f"{exc!r}", page=child) from exc
     try:
-        if not (type(out) is xp.ndarray and out.dtype == dtype and out.flags.c_contiguous):
-            out = xp.ascontiguousarray(xp.asarray(out, dtype=dtype))
-        out = out.reshape(-1).view(xp.uint8)
+        if not (type(result) is xp.ndarray and result.dtype == dtype
+                and result.flags.c_contiguous):
+            result = xp.ascontiguousarray(xp.asarray(result, dtype=dtype))
+        result = result.reshape(-1).view(xp.uint8)
     except (TypeError, ValueError) as exc:
         raise InvalidDeltaError(f"the recompute function of derived page {child} returned "
                                 f"something that is not a {dtype} array: {exc}",
                                 page=child) from exc
-    if out.size != size:
+    if result.size != size:
         raise InvalidDeltaError(f"the recompute function of derived page {child} returned "
-                                f"{out.size} bytes, the page holds {size}", page=child,
-                                length=int(out.size))
+                                f"{result.size} bytes, the page holds {size}", page=child,
+                                length=int(result.size))
+    out[...] = result
     return out
 
 
