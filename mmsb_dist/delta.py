@@ -26,6 +26,11 @@ __all__ = ["DeltaBatch", "compose", "diff"]
 
 _EMPTY_U8 = np.zeros(0, dtype=np.uint8)
 
+# The delta id's client of the batches a shard logs for derived pages (recompute results); client
+# ids of writers are below it (Bus draws 63 random bits), and a client batch that claims it is
+# refused. Events report its deltas as RECOMPUTE rather than WRITE.
+RECOMPUTE_CLIENT_ID = 1 << 63
+
 
 def _as_u8(data) -> np.ndarray:
     """Bytes-like or array -> flat uint8 view (no copy where the input is contiguous)."""

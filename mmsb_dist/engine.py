@@ -35,9 +35,9 @@ import numpy as np
 from mmsb_dist import checkpoint as ckpt
 from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
-from mmsb_dist.delta import DeltaBatch
-from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidPageError,
-                              MmsbError)
+from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
+from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
+                              InvalidPageError, MmsbError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
 from mmsb_dist.log import LogPartition
 
@@ -96,7 +96,7 @@ class _Replica:
                 raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
                                       f"{exc}", path=where) from exc
             self.arena.apply_validated(batch, slots, dest, frame.first_lsn + frame.lsn_count - 1)
-            if batch.client_id:
+            if batch.client_id and batch.client_id != RECOMPUTE_CLIENT_ID:
                 self.hwm[batch.client_id] = max(self.hwm.get(batch.client_id, 0), batch.seq)
             return None
         msg = unpack_control(bytes(payload))
@@ -243,6 +243,9 @@ class ShardEngine:
             for raw in batches:
                 payload = None if isinstance(raw, DeltaBatch) else raw
                 batch = raw if payload is None else decode_deltas(payload)
+                if batch.client_id == RECOMPUTE_CLIENT_ID:
+                    raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for "
+                                            "recompute results")
                 if batch.client_id and batch.seq <= seen.get(batch.client_id, 0):
                     items.append(None)
                     continue
@@ -638,7 +641,8 @@ class ShardEngine:
                            np.zeros(rows.size, np.int64), dstarts,
                            _gather(host, starts[rows], lengths, dstarts),
                            np.ones(rows.size, bool), mst,
-                           _gather(mask, mstarts[rows], mlengths, mst))
+                           _gather(mask, mstarts[rows], mlengths, mst),
+                           client_id=RECOMPUTE_CLIENT_ID)
         slots, dest = self.arena.validate(batch)
         first = self.log.append(encode_deltas(batch), epoch=self.open_epoch,
                                 lsn_count=len(batch))

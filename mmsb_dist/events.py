@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from mmsb_dist import limits
-from mmsb_dist.delta import DeltaBatch, diff
+from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch, diff
 from mmsb_dist.errors import CorruptionError, LogCompactedError, LogError
 from mmsb_dist.formats import (EVENT_SCHEMA, EventKind, _binary, _ipc, decode_deltas,
                                decode_events, unpack_control)
@@ -43,7 +43,9 @@ __all__ = ["EventRead", "read_events", "epoch_start_lsn", "encode_event_read", "
            "PageTrack"]
 
 _ARROW_MARK = b"\xff\xff\xff\xff"
-_NO_IDS = np.zeros(0, np.uint64)
+# Control records that change no page bytes (dependency registrations): they spend an LSN and give
+# no row. Any kind neither here nor handled below is refused, never passed over.
+_RECORDS_WITHOUT_ROWS = frozenset({"derive", "underive"})
 
 
 class EventRead(NamedTuple):
@@ -54,7 +56,7 @@ class EventRead(NamedTuple):
     more: bool
 
 
-# ---- one frame -> rows ---------------------------------------------------------------------------
+# ---- one frame -> rows -------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class _Piece:
@@ -94,9 +96,8 @@ def _wanted(ids: np.ndarray, wanted: np.ndarray | None) -> np.ndarray:
 
 
 def _delta_kind(batch: DeltaBatch) -> int:
-    """WRITE for client deltas. RECOMPUTE once recompute frames are told apart in the log (the
-    dependency graph's recompute results are ordinary delta frames today)."""
-    return EventKind.WRITE
+    """RECOMPUTE for the batches a shard logs for derived pages, WRITE for everything else."""
+    return EventKind.RECOMPUTE if batch.client_id == RECOMPUTE_CLIENT_ID else EventKind.WRITE
 
 
 def _frame_piece(frame, from_lsn: int, wanted, with_deltas: bool, epoch_min: int,
@@ -128,6 +129,8 @@ def _frame_piece(frame, from_lsn: int, wanted, with_deltas: bool, epoch_min: int
         code = EventKind.SEAL if kind == "seal" else EventKind.RESTORE
         return _Piece(np.array([epoch], np.uint64), np.array([frame.first_lsn], np.uint64), ids,
                       code, None, None, False)
+    elif kind in _RECORDS_WITHOUT_ROWS:
+        return None
     else:  # the replica refuses it too: a record this build cannot read is damage, not news
         raise CorruptionError(f"unknown control record {kind!r} at LSN {frame.first_lsn}",
                               path=where)
@@ -137,7 +140,7 @@ def _frame_piece(frame, from_lsn: int, wanted, with_deltas: bool, epoch_min: int
                   np.full(ids.size, frame.first_lsn, np.uint64), ids, code, None, None, False)
 
 
-# ---- a bounded read ------------------------------------------------------------------------------
+# ---- a bounded read ----------------------------------------------------------------------------
 
 def read_events(log, from_lsn: int, page_ids=None, *, with_deltas: bool = False,
                 rows_max: int = limits.event_rows_max, bytes_max: int = limits.event_bytes_max,
@@ -275,7 +278,7 @@ def epoch_start_lsn(seals, epoch: int) -> int:
     return max(cuts, default=0)
 
 
-# ---- subscriptions (on Ray) ----------------------------------------------------------------------
+# ---- subscriptions (on Ray) --------------------------------------------------------------------
 
 class _Item(NamedTuple):
     shard: int
@@ -339,7 +342,7 @@ class Subscription:
     def position(self) -> dict[int, int]:
         return dict(self._position)
 
-    # ---- the consumer side ------------------------------------------------------------------------
+    # ---- the consumer side -----------------------------------------------------------------------
 
     def __iter__(self):
         return self
@@ -384,7 +387,7 @@ class Subscription:
     def __exit__(self, *exc):
         self.close()
 
-    # ---- the pumps --------------------------------------------------------------------------------
+    # ---- the pumps -------------------------------------------------------------------------------
 
     def _pump(self, shard: int) -> None:
         lsn = self._position[shard]
@@ -402,7 +405,7 @@ class Subscription:
             self._offer(_Item(shard, None, lsn, exc))
 
     def _offer(self, item: _Item) -> bool:
-        """Queue ``item`` once the shard has a free buffer slot; False when the subscription ends."""
+        """Queue ``item`` when its shard has a free buffer slot; False if the subscription ended."""
         while not self._permits[item.shard].acquire(timeout=0.2):
             if self._stop.is_set():
                 return False
@@ -437,7 +440,7 @@ class _Stopped(Exception):
     """The subscription was closed while a pump was between calls."""
 
 
-# ---- tracking: twin and diff ---------------------------------------------------------------------
+# ---- tracking: twin and diff -------------------------------------------------------------------
 
 class PageTrack:
     """``with track as arr:`` hands out ``arr``, a writable private copy of a page (typed; on the

@@ -209,6 +209,7 @@ class ShardActor:
 
     # ---- events (mmsb_dist/events.py) ---------------------------------------------------------
 
+    @ray.method(concurrency_group="events")  # reads the log only: not held by a barrier
     def events(self, from_lsn: int, page_ids=None, *, with_deltas: bool = False,
                rows_max: int | None = None, epoch_min: int = 0) -> tuple:
         """One bounded event batch from ``from_lsn``: (Arrow IPC bytes as uint8, next LSN, more)."""
@@ -236,7 +237,7 @@ class CoordinatorActor:
         self.data_dir, self.n = data_dir, int(shards)
         self.timeout = prepare_timeout_s
         opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
-        actor = ray.remote(concurrency_groups={"control": 2})(ShardActor)
+        actor = ray.remote(concurrency_groups={"control": 2, "events": 1})(ShardActor)
         self.shards = [actor.options(name=_shard_name(i), **opts).remote(
             i, data_dir, backend, fsync) for i in range(self.n)]
         try:  # every shard placed, recovered and serving

@@ -360,3 +360,23 @@ def test_replay_reproduces_derived_pages_with_the_functions_gone(tmp_path, rng):
     finally:
         for eng in engines:
             eng.close()
+
+
+def test_recompute_results_are_recompute_events_and_client_ids_stay_apart(tmp_path):
+    from mmsb_dist.delta import RECOMPUTE_CLIENT_ID
+    from mmsb_dist.formats import EventKind
+
+    c = LocalCluster(tmp_path, shards=1)
+    try:
+        a, d = (int(p) for p in c.create(2, 16))
+        c.depend(d, [a], "copy")
+        c.write(a, 0, b"\x01\x02")
+        e = c.engines[0]
+        rows = e.events(0).batch.to_pydict()
+        kinds = {(p, k) for p, k in zip(rows["page_id"], rows["kind"]) if p in (a, d)}
+        assert (a, EventKind.WRITE) in kinds and (d, EventKind.RECOMPUTE) in kinds
+        assert (d, EventKind.WRITE) not in kinds
+        with pytest.raises(InvalidDeltaError, match="reserved"):
+            e.apply(DeltaBatch.runs([a], [0], [b"x"], client_id=RECOMPUTE_CLIENT_ID, seq=1))
+    finally:
+        c.close()
