@@ -13,11 +13,13 @@ Every figure sits beside its baseline, measured in the same run:
                    recompute of the same chain (engine.recompute, what a commit runs).
                    Baseline: a plain Python call chain, v = fn(v), CHAIN times, with the same fn
                    on the same NumPy arrays (no logging, no diff: the floor of any propagation
-                   that calls a Python function per hop). Target: <= 10 us per hop (the original
+                   that calls a Python function per hop; on the CuPy backend, on CuPy arrays).
+                   Target: <= 10 us per hop (the original
                    MMSB's own target, which it missed at 170-300 us).
   fan-out 1000     one parent with FANOUT derived children ("copy"): a write to the parent
                    recomputes all of them (eager), and the barrier's recompute of the same set.
-                   Baseline: the same FANOUT copies in a Python loop (no logging, no diff).
+                   Baseline: the same FANOUT copies in a Python loop (no logging, no diff; CuPy
+                   arrays on the CuPy backend).
   cross-shard hop  (Ray, 3 NumPy shards on a local Ray) a chain of HOPS derived pages whose every
                    edge crosses shards: latency from a durable write to the root until the chain's
                    end reads the new value (eager messages between shard actors, polled), per
@@ -62,6 +64,11 @@ def _median(fn, rounds: int) -> tuple[float, float, float]:
 
 def same_shard(root_dir: str, chain: int, fanout: int, rounds: int, backend: str) -> dict:
     eng = ShardEngine(os.path.join(root_dir, "hop"), backend=backend, fsync="always")
+    xp = eng.backend.xp  # baselines run on the same array module as the shard
+
+    def sync():
+        if xp is not np:
+            xp.cuda.Stream.null.synchronize()
     rng = np.random.default_rng(7)
     out = {}
     try:
@@ -96,10 +103,12 @@ def same_shard(root_dir: str, chain: int, fanout: int, rounds: int, backend: str
             base_fn = (lambda v: v.copy()) if fn == "copy" else _plus_one
 
             def python_chain():
-                v = rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
+                v = xp.asarray(rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32))
+                sync()
                 t0 = time.perf_counter()
                 for _ in range(chain):
                     v = base_fn(v)
+                sync()
                 return (time.perf_counter() - t0) / chain
 
             hop()
@@ -142,9 +151,11 @@ def same_shard(root_dir: str, chain: int, fanout: int, rounds: int, backend: str
             return time.perf_counter() - t0
 
         def fan_python():
-            v = rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
+            v = xp.asarray(rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32))
+            sync()
             t0 = time.perf_counter()
             res = [v.copy() for _ in range(fanout)]
+            sync()
             del res
             return time.perf_counter() - t0
 

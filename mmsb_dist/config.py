@@ -31,9 +31,10 @@ SHARDS_MAX = 4096
 CONNECT_TIMEOUT_S = 3.0
 
 _CHOICES = {"backend": ("auto", "numpy", "cupy"), "fsync": ("always", "interval", "none")}
-_NULLABLE = {"address", "ray.num_cpus", "ray.object_store_memory_bytes", "gateway.token"}
+_NULLABLE = {"address", "ray.num_cpus", "ray.object_store_memory_bytes", "gateway.token",
+             "checkpoint_uri"}
 _NULLABLE_TYPES = {"address": str, "ray.num_cpus": int, "ray.object_store_memory_bytes": int,
-                   "gateway.token": str}
+                   "gateway.token": str, "checkpoint_uri": str}
 _POSITIVE = {"shards", "prepare_timeout_s", "gpus_per_shard", "ray.num_cpus",
              "ray.object_store_memory_bytes", "gateway.max_body_bytes",
              "gateway.max_batch_deltas"}
@@ -194,7 +195,7 @@ def load(path: str | None = None, flags: dict | None = None, environ=None) -> di
 def runtime_config(cfg: dict) -> dict:
     """The ``config`` argument of ``mmsb_dist.start`` from the settings."""
     return {k: cfg[k] for k in ("backend", "fsync", "prepare_timeout_s", "auto_commit_s",
-                                "gpus_per_shard")}
+                                "gpus_per_shard", "checkpoint_uri")}
 
 
 # ---- checks against the outside world --------------------------------------------------------------

@@ -583,36 +583,34 @@ class ShardEngine:
         be.copy_runs(old_all, starts[:-1], buf,
                      np.array([where[c][0] for c in order], np.int64), sizes)
         new_all = old_all.copy()
-        index = {c: i for i, c in enumerate(order)}
         lo, hi = starts[:-1].tolist(), (starts[:-1] + sizes).tolist()  # Python ints: fast slices
-        done: set[int] = set()
+        done: dict[int, object] = {}  # child -> its range of new_all (reused: a CuPy slice costs)
         errors: list[tuple[int, str]] = []
         for i, c in enumerate(order):
             parents, fn = derived[c]
             args = []
             for p in parents:
-                if p in done:
-                    j = index[p]
-                    v = new_all[lo[j]:hi[j]]
-                elif p in where:
-                    off, size, _ = where[p]
-                    v = buf[off:off + size]
-                elif p in remote:
-                    v = be.upload(remote[p]) if xp is not np else remote[p]
-                else:
-                    break
+                v = done.get(p)
+                if v is None:
+                    if p in where:
+                        off, size, _ = where[p]
+                        v = buf[off:off + size]
+                    elif p in remote:
+                        v = be.upload(remote[p]) if xp is not np else remote[p]
+                    else:
+                        break
                 args.append(v)
             if len(args) != len(parents):
                 if strict:
                     errors.append((c, f"parent {p} of derived page {c} is not available"))
                 continue
+            out = new_all[lo[i]:hi[i]]
             try:
-                evaluate(Recompute.decode(fn), args, c, hi[i] - lo[i], where[c][2], xp,
-                         out=new_all[lo[i]:hi[i]])
+                evaluate(Recompute.decode(fn), args, c, hi[i] - lo[i], where[c][2], xp, out=out)
             except MmsbError as exc:
                 errors.append((c, str(exc)))
                 continue
-            done.add(c)
+            done[c] = out
         rows, host = self._log_recompute(order, old_all, new_all, starts, sizes) if done else \
             ((), None)
         watched = {order[r]: host[lo[r]:hi[r]] for r in rows if order[r] in self._watch}

@@ -45,7 +45,8 @@ def _shard_name(i: int) -> str:
 class ShardActor:
     """One shard: a ShardEngine behind a Ray actor. Calls run one at a time, in arrival order."""
 
-    def __init__(self, shard: int, data_dir: str, backend: str, fsync: str):
+    def __init__(self, shard: int, data_dir: str, backend: str, fsync: str,
+                 checkpoint_uri: str | None = None):
         from tenacity import retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
         from mmsb_dist.engine import ShardEngine
@@ -58,7 +59,7 @@ class ShardActor:
                             wait=wait_exponential(multiplier=0.05, max=2.0), reraise=True)(
             ShardEngine)
         self.engine = open_engine(os.path.join(data_dir, f"shard-{shard:04d}"), shard=shard,
-                                  backend=backend, fsync=fsync)
+                                  backend=backend, fsync=fsync, checkpoints=checkpoint_uri)
         from mmsb_dist.metrics import ShardMetrics
         self.metrics = ShardMetrics(ray.get_runtime_context().namespace, shard, self.engine)
         self._gate = threading.Condition()  # writes wait on it while a barrier holds them
@@ -161,10 +162,11 @@ class ShardActor:
         return done
 
     @ray.method(concurrency_group="control")
-    def freeze(self, epoch: int) -> tuple:
-        """Hold writes for the barrier of ``epoch``; report the changed parents."""
+    def freeze(self, epoch: int, hold_s: float = limits.barrier_hold_s) -> tuple:
+        """Hold writes for the barrier of ``epoch`` (for ``hold_s`` at most); report the changed
+        parents."""
         with self._gate:
-            self._frozen = (int(epoch), time.monotonic() + limits.barrier_hold_s)
+            self._frozen = (int(epoch), time.monotonic() + float(hold_s))
             ids, unknown = self.engine.changes()
             return ids, unknown
 
@@ -231,7 +233,7 @@ class CoordinatorActor:
 
     def __init__(self, data_dir: str, shards: int, backend: str, fsync: str,
                  prepare_timeout_s: float, auto_commit_s: float = 0.0, namespace: str = "mmsb",
-                 gpus_per_shard: float = 1.0):
+                 gpus_per_shard: float = 1.0, checkpoint_uri: str | None = None):
         os.makedirs(data_dir, exist_ok=True)
         self._lock = threading.RLock()  # the auto-commit thread and calls share the protocol
         self.data_dir, self.n = data_dir, int(shards)
@@ -239,7 +241,7 @@ class CoordinatorActor:
         opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
         actor = ray.remote(concurrency_groups={"control": 2, "events": 1})(ShardActor)
         self.shards = [actor.options(name=_shard_name(i), **opts).remote(
-            i, data_dir, backend, fsync) for i in range(self.n)]
+            i, data_dir, backend, fsync, checkpoint_uri) for i in range(self.n)]
         try:  # every shard placed, recovered and serving
             ray.get([s.ping.remote() for s in self.shards], timeout=limits.shard_start_timeout_s)
         except ray.exceptions.GetTimeoutError as exc:
@@ -684,7 +686,8 @@ def start(shards: int = 1, data_dir: str | None = None, config: dict | None = No
     auto_commit_s (commit every so many seconds; 0: only explicit commits), gpus_per_shard
     (1: one GPU each; a fraction shares a GPU between shards)."""
     config = {"backend": "auto", "fsync": "always", "prepare_timeout_s": 30.0,
-              "auto_commit_s": 0.0, "gpus_per_shard": 1.0, **(config or {})}
+              "auto_commit_s": 0.0, "gpus_per_shard": 1.0, "checkpoint_uri": None,
+              **(config or {})}
     if shards < 1:
         raise ValueError(f"shards={shards}: need at least one shard")
     if not ray.is_initialized():
@@ -699,7 +702,7 @@ def start(shards: int = 1, data_dir: str | None = None, config: dict | None = No
         name=COORDINATOR, namespace=namespace, lifetime="detached", max_restarts=-1,
         max_task_retries=-1, num_cpus=0, get_if_exists=True).remote(
         data_dir, shards, config["backend"], config["fsync"], config["prepare_timeout_s"],
-        config["auto_commit_s"], namespace, config["gpus_per_shard"])
+        config["auto_commit_s"], namespace, config["gpus_per_shard"], config["checkpoint_uri"])
     ray.get(coordinator.info.remote())
     return Bus(namespace)
 

@@ -170,3 +170,27 @@ def test_replay_without_the_functions(bus, rng):
         for (page, expect), arr in zip(pages.items(), got):
             assert np.array_equal(_u32(arr), expect), (e, page)
     bus.write(x, 0, b"\x07" * 4)  # an ordinary page again
+
+
+def test_held_writes_wait_for_the_barrier_and_a_stale_barrier_lets_go(bus):
+    import threading
+
+    from mmsb_dist.errors import EpochError
+
+    by = _pages_by_shard(bus, 1)
+    page, shard = by[0][0], bus.shards[0]
+    ray.get(shard.freeze.remote(10**9, 60.0))  # a barrier that no coordinator will finish
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (bus.write(page, 0, b"\x2a"), done.set()),
+                              daemon=True)
+    writer.start()
+    assert not done.wait(0.5)  # held, in order, not refused
+    ray.get(shard.thaw.remote())
+    assert done.wait(30) and _u32(bus.read(page)).view(np.uint8)[0] == 0x2A
+    # A barrier whose coordinator died: the shard lets writes go after its hold and refuses
+    # that barrier's seal (its recompute may be stale by then).
+    ray.get(shard.freeze.remote(10**9, 0.2))
+    bus.write(page, 0, b"\x2b")
+    with pytest.raises(EpochError, match="not held"):
+        ray.get(shard.seal.remote(10**9, True))
+    assert bus.commit() > 0  # the runtime's own epochs go on
