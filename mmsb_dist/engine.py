@@ -514,6 +514,7 @@ class ShardEngine:
                 if indeg[c] == 0:
                     ready.append(c)
         self._local_rank = {c: i for i, c in enumerate(order)}
+        self._downstream: dict[int, list[int]] = {}
 
     def _refuse_derived(self, page_ids) -> None:
         hit = np.isin(page_ids, self._derived_ids)
@@ -538,14 +539,21 @@ class ShardEngine:
             self._recompute(order, self._remote, strict=False)
 
     def _local_downstream(self, pages) -> list[int]:
-        """This shard's derived pages downstream of ``pages`` over local edges, in order."""
+        """This shard's derived pages downstream of ``pages`` over local edges, in order (one
+        page's list is cached until the graph changes: writes keep hitting the same pages)."""
+        pages = list(pages)
+        if len(pages) == 1 and pages[0] in self._downstream:
+            return self._downstream[pages[0]]
         seen, stack = set(), list(pages)
         while stack:
             for c in self._local_kids.get(stack.pop(), ()):
                 if c not in seen:
                     seen.add(c)
                     stack.append(c)
-        return sorted(seen, key=self._local_rank.__getitem__)
+        order = sorted(seen, key=self._local_rank.__getitem__)
+        if len(pages) == 1:
+            self._downstream[pages[0]] = order
+        return order
 
     def _queue_remote(self, pages, fresh: dict) -> None:
         watched = [p for p in pages if p in self._watch]
@@ -570,23 +578,14 @@ class ShardEngine:
         present = arena.present(local)
         here = [p for p, ok in zip(local, present) if ok]
         slots = arena.slots_of(here)
-        where = {p: (int(arena._offsets[s]), int(arena._sizes[s]), DTYPES[arena._dtypes[s]])
-                 for p, s in zip(here, slots)}
+        where = dict(zip(here, zip(arena._offsets[slots].tolist(), arena._sizes[slots].tolist(),
+                                   (DTYPES[d] for d in arena._dtypes[slots].tolist()))))
         buf = arena.buffer
-        # Old and new bytes of every page of ``order`` side by side, each range starting on a
-        # mask byte (8 bytes) so that one compare diffs them all; a page not recomputed keeps
-        # its old bytes in ``new_all`` and so diffs to nothing.
-        sizes = np.array([where[c][1] for c in order], np.int64)
-        starts = np.zeros(len(order) + 1, np.int64)
-        np.cumsum((sizes + 7) // 8 * 8, out=starts[1:])
-        old_all = be.zeros(int(starts[-1]))
-        be.copy_runs(old_all, starts[:-1], buf,
-                     np.array([where[c][0] for c in order], np.int64), sizes)
-        new_all = old_all.copy()
-        lo, hi = starts[:-1].tolist(), (starts[:-1] + sizes).tolist()  # Python ints: fast slices
-        done: dict[int, object] = {}  # child -> its range of new_all (reused: a CuPy slice costs)
+        # Results are arrays that may share memory with their parents (a copy or a slice is the
+        # parent's bytes): nothing is written until all of them are copied out at once below.
+        done: dict[int, object] = {}
         errors: list[tuple[int, str]] = []
-        for i, c in enumerate(order):
+        for c in order:
             parents, fn = derived[c]
             args = []
             for p in parents:
@@ -604,16 +603,32 @@ class ShardEngine:
                 if strict:
                     errors.append((c, f"parent {p} of derived page {c} is not available"))
                 continue
-            out = new_all[lo[i]:hi[i]]
+            _, size, dtype = where[c]
             try:
-                evaluate(Recompute.decode(fn), args, c, hi[i] - lo[i], where[c][2], xp, out=out)
+                done[c] = evaluate(Recompute.decode(fn), args, c, size, dtype, xp)
             except MmsbError as exc:
                 errors.append((c, str(exc)))
-                continue
-            done[c] = out
-        rows, host = self._log_recompute(order, old_all, new_all, starts, sizes) if done else \
-            ((), None)
-        watched = {order[r]: host[lo[r]:hi[r]] for r in rows if order[r] in self._watch}
+        if not done:
+            return {"changed": 0, "errors": errors}
+        # Old and new bytes of every recomputed page side by side, each range starting on a mask
+        # byte (8 bytes), so that one compare diffs them all.
+        ids = list(done)
+        sizes = np.array([where[c][1] for c in ids], np.int64)
+        pads = (-sizes) % 8
+        starts = np.zeros(len(ids) + 1, np.int64)
+        np.cumsum(sizes + pads, out=starts[1:])
+        old_all = be.zeros(int(starts[-1]))
+        be.copy_runs(old_all, starts[:-1], buf,
+                     np.array([where[c][0] for c in ids], np.int64), sizes)
+        pieces = []
+        for c, pad in zip(ids, pads.tolist()):
+            pieces.append(done[c])
+            if pad:
+                pieces.append(xp.zeros(pad, xp.uint8))
+        new_all = xp.concatenate(pieces)
+        rows, host = self._log_recompute(ids, old_all, new_all, starts, sizes)
+        watched = {ids[r]: host[starts[r]:starts[r] + sizes[r]] for r in rows
+                   if ids[r] in self._watch}
         if watched:
             self._queue_remote(list(watched), watched)
         return {"changed": len(rows), "errors": errors}

@@ -175,37 +175,27 @@ def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
 
-def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp, out=None):
-    """``fn(parents)`` as a flat uint8 array of ``size`` bytes on ``xp`` (numpy or cupy), written
-    into ``out`` when given (built-ins write there directly: one kernel per hop on a GPU).
-    ``parents``: flat uint8 arrays on ``xp``. ``out`` is only written once the result is known
-    good, so a failing function leaves it as it was."""
+def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp):
+    """``fn(parents)`` as a flat uint8 array of ``size`` bytes on ``xp`` (numpy or cupy).
+    ``parents``: flat uint8 arrays on ``xp``, never written. The result may share memory with a
+    parent (``copy`` and ``slice`` return the parent's bytes themselves: no copy, no kernel), so
+    callers must not write to it either; they copy results once, all together."""
     kind = fn.kind
-    if out is None:
-        out = xp.empty(size, xp.uint8)
     if kind == "copy":
-        out[...] = parents[0]
-        return out
+        return parents[0]
     if kind == "slice":
-        out[...] = parents[0][fn.args[0]:fn.args[1]]
-        return out
+        return parents[0][fn.args[0]:fn.args[1]]
     if kind == "concat":
-        pos = 0
-        for p in parents:
-            out[pos:pos + p.size] = p
-            pos += p.size
-        return out
+        return xp.concatenate(parents)
     if kind in _REDUCERS:
         views = [p.view(dtype) for p in parents]
-        op = _OPS[kind](xp)
-        typed = out.view(dtype)
         if len(views) == 1:
-            typed[...] = views[0]
-        else:
-            op(views[0], views[1], out=typed)
-            for v in views[2:]:
-                op(typed, v, out=typed)
-        return out
+            return parents[0]
+        op = _OPS[kind](xp)
+        out = op(views[0], views[1])
+        for v in views[2:]:
+            op(out, v, out=out)
+        return out.view(xp.uint8)
     user = _unpickle(fn.blob)
     itemsize = _itemsize(dtype)
     views = []
@@ -234,8 +224,7 @@ def evaluate(fn: Recompute, parents: list, child: int, size: int, dtype: str, xp
         raise InvalidDeltaError(f"the recompute function of derived page {child} returned "
                                 f"{result.size} bytes, the page holds {size}", page=child,
                                 length=int(result.size))
-    out[...] = result
-    return out
+    return result
 
 
 # ---- the global graph ----------------------------------------------------------------------------
