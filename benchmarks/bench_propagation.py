@@ -243,13 +243,13 @@ def cross_shard(root_dir: str, hops: int, rounds: int) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smaller chain and fewer rounds")
+    ap.add_argument("--quick", action="store_true", help="fewer rounds and a shorter cross-shard chain")
     ap.add_argument("--no-ray", action="store_true", help="skip the cross-shard (Ray) part")
     ap.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     ap.add_argument("--out", default="bench-results/propagation.json")
     ap.add_argument("--dir", default=None, help="parent of the temp dir")
     args = ap.parse_args()
-    chain, fanout, rounds, hops = (200, 1000, 5, 9) if args.quick else (1000, 1000, 9, 30)
+    chain, fanout, rounds, hops = (1000, 1000, 5, 9) if args.quick else (1000, 1000, 9, 30)
     root = tempfile.mkdtemp(prefix="mmsb-bench-prop-", dir=args.dir)
     t0 = time.perf_counter()
     try:

@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -252,7 +253,7 @@ def plot_peers(rows, img: str) -> str | None:
     for ax, (what, ours, a, peer, b) in zip(axes, rows):
         ax.bar([0, 1], [a, b], color=["#4393c3", "#bababa"])
         ax.set_xticks([0, 1], [ours, peer], fontsize=7, rotation=20, ha="right")
-        ax.set_title(what, fontsize=7, wrap=True)
+        ax.set_title(textwrap.fill(what, 28), fontsize=7)
         for x, v in enumerate((a, b)):
             ax.annotate(f"{v:.3g}", (x, v), ha="center", va="bottom", fontsize=7)
     fig.suptitle("Side by side with peers and floors (same run)", fontsize=9)
@@ -297,6 +298,13 @@ def targets_table(res: dict) -> str:
                      f"{gw['single_write']['aiohttp']['p50_ms']:.2f} ms",
                      _f(gw["ratio_http_vs_python_p50"]), f"<= {gw['target_ratio']:g}x",
                      "PASS" if gw["pass"] else "MISS"])
+    prop = (res.get("propagation") or {}).get("same_shard")
+    if prop:
+        for fn in ("copy", "user x+1"):
+            hop = prop[fn]["eager_hop_us"]
+            rows.append(["propagation", f"same-shard hop, eager, {fn} (vs Python call chain)",
+                         f"{hop:.2f} us", _f(hop / prop[fn]["python_chain_hop_us"]),
+                         "<= 10 us", "PASS" if hop <= 10 else "MISS"])
     lt = res.get("loadtest")
     if lt:
         s = lt["summary"]
