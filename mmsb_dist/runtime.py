@@ -684,7 +684,8 @@ def start(shards: int = 1, data_dir: str | None = None, config: dict | None = No
     ``address`` is given, then the coordinator and ``shards`` shard actors. ``config``: backend
     ("auto", "numpy", "cupy"), fsync ("always", "interval", "none"), prepare_timeout_s,
     auto_commit_s (commit every so many seconds; 0: only explicit commits), gpus_per_shard
-    (1: one GPU each; a fraction shares a GPU between shards)."""
+    (1: one GPU each; a fraction shares a GPU between shards), checkpoint_uri (a directory or
+    pyarrow.fs URI such as s3://bucket/prefix for the shards' checkpoints; None: in data_dir)."""
     config = {"backend": "auto", "fsync": "always", "prepare_timeout_s": 30.0,
               "auto_commit_s": 0.0, "gpus_per_shard": 1.0, "checkpoint_uri": None,
               **(config or {})}
