@@ -250,6 +250,9 @@ class CoordinatorActor:
                 f"{limits.shard_start_timeout_s:g} s: does the cluster have the resources "
                 f"({opts['num_cpus']} CPU, {opts['num_gpus']} GPU each)?"
             ) from exc
+        # A barrier of a previous coordinator process may still hold writes: none is in progress
+        # now (a re-driven attempt holds them again).
+        ray.get([s.thaw.remote() for s in self.shards])
         self._load_graph()
         self.dlog = DecisionLog(os.path.join(data_dir, "coordinator"))
         records = self.dlog.records()

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 
+from _raykit import bounded
 from mmsb_dist import runtime
 from mmsb_dist.errors import DerivedPageError, GraphCycleError, InvalidPageError, UnknownPageError
 from mmsb_dist.placement import shards_of
@@ -194,3 +195,17 @@ def test_held_writes_wait_for_the_barrier_and_a_stale_barrier_lets_go(bus):
     with pytest.raises(EpochError, match="not held"):
         ray.get(shard.seal.remote(10**9, True))
     assert bus.commit() > 0  # the runtime's own epochs go on
+
+
+def test_a_restarted_coordinator_releases_writes_its_predecessor_held(bus):
+    from mmsb_dist.runtime import COORDINATOR
+
+    by = _pages_by_shard(bus, 1)
+    page, shard = by[2][0], bus.shards[2]
+    ray.get(shard.freeze.remote(10**9, 600.0))  # as if a barrier were in progress
+    coordinator = ray.get_actor(COORDINATOR, namespace=NS)
+    ray.kill(coordinator, no_restart=False)
+    # The write is held until the restarted coordinator releases it (long before the 600 s hold).
+    bounded(bus.write, page, 0, b"\x33", timeout_s=60, what="a write held by a dead barrier")
+    assert _u32(bus.read(page)).view(np.uint8)[0] == 0x33
+    assert bus.commit() > 0
