@@ -159,6 +159,16 @@ class PageArena:
         return PageInfo(int(self._ids[s]), int(self._offsets[s]), int(self._sizes[s]),
                         int(self._versions[s]), DTYPES[self._dtypes[s]])
 
+    def spans(self, page_ids) -> dict[int, tuple[int, int, str]]:
+        """page id -> (offset in the buffer, size, dtype) of the live pages among ``page_ids``;
+        absent ones are left out. Valid until the next create (growth moves pages)."""
+        ids = np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1)
+        ids = ids[self.present(ids)]
+        slots = self.slots_of(ids)
+        return dict(zip(ids.tolist(), zip(self._offsets[slots].tolist(),
+                                          self._sizes[slots].tolist(),
+                                          (DTYPES[d] for d in self._dtypes[slots].tolist()))))
+
     def page_ids(self) -> np.ndarray:
         """Live page ids, in slot order."""
         live = self._live[: self._nslots]

@@ -474,7 +474,7 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             self._remote.update(remote)
-            return self._recompute([int(c) for c in children], remote, strict=True)
+            return self._recompute([int(c) for c in children], remote, barrier=True)
 
     def remote_changed(self, values: dict) -> dict:
         """Parents on other shards changed (eager propagation): recompute their children here."""
@@ -484,7 +484,7 @@ class ShardEngine:
             self._check_open()
             self._remote.update(values)
             order = self._local_downstream(values)
-            return self._recompute(order, self._remote, strict=False) if order else \
+            return self._recompute(order, self._remote, barrier=False) if order else \
                 {"changed": 0, "errors": []}
 
     def take_outbox(self) -> dict[int, dict[int, np.ndarray]]:
@@ -536,7 +536,7 @@ class ShardEngine:
         self._queue_remote(hit, {})
         order = self._local_downstream(hit)
         if order:
-            self._recompute(order, self._remote, strict=False)
+            self._recompute(order, self._remote, barrier=False)
 
     def _local_downstream(self, pages) -> list[int]:
         """This shard's derived pages downstream of ``pages`` over local edges, in order (one
@@ -568,18 +568,16 @@ class ShardEngine:
             for s in self._watch[p]:
                 self._outbox.setdefault(s, {})[p] = values[p]
 
-    def _recompute(self, order: list[int], remote: dict, *, strict: bool) -> dict:
+    def _recompute(self, order: list[int], remote: dict, *, barrier: bool) -> dict:
+        """Recompute ``order`` (topological) and log what changed. ``barrier``: a parent that is
+        not available is an error (eagerly, the child just waits for the barrier), and no eager
+        messages are queued (the barrier carries values across shards itself)."""
         from mmsb_dist.graph import Recompute, evaluate
 
         arena, be = self.arena, self.backend
         xp = be.xp
         derived = self._state.derived
-        local = sorted({p for c in order for p in derived[c][0]} | set(order))
-        present = arena.present(local)
-        here = [p for p, ok in zip(local, present) if ok]
-        slots = arena.slots_of(here)
-        where = dict(zip(here, zip(arena._offsets[slots].tolist(), arena._sizes[slots].tolist(),
-                                   (DTYPES[d] for d in arena._dtypes[slots].tolist()))))
+        where = arena.spans(sorted({p for c in order for p in derived[c][0]} | set(order)))
         buf = arena.buffer
         # Results are arrays that may share memory with their parents (a copy or a slice is the
         # parent's bytes): nothing is written until all of them are copied out at once below.
@@ -595,12 +593,12 @@ class ShardEngine:
                         off, size, _ = where[p]
                         v = buf[off:off + size]
                     elif p in remote:
-                        v = be.upload(remote[p]) if xp is not np else remote[p]
+                        v = be.upload(remote[p])
                     else:
                         break
                 args.append(v)
             if len(args) != len(parents):
-                if strict:
+                if barrier:
                     errors.append((c, f"parent {p} of derived page {c} is not available"))
                 continue
             _, size, dtype = where[c]
@@ -629,11 +627,11 @@ class ShardEngine:
         rows, host = self._log_recompute(ids, old_all, new_all, starts, sizes)
         watched = {ids[r]: host[starts[r]:starts[r] + sizes[r]] for r in rows
                    if ids[r] in self._watch}
-        if watched:
+        if watched and not barrier:
             self._queue_remote(list(watched), watched)
         return {"changed": len(rows), "errors": errors}
 
-    def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> dict:
+    def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> tuple:
         """One masked batch turning each changed page of ``ids`` into its bytes in ``new_all``
         (the diff kernel over all of them at once); logged, then applied. Returns the rows of
         ``ids`` that changed and ``new_all`` on the host."""

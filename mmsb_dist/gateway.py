@@ -19,12 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import hmac
 import json
 import logging
 import os
-import secrets
 import socket
 import threading
 import time
@@ -50,26 +48,19 @@ log = logging.getLogger("mmsb_dist.gateway")
 
 # Paths served without a token: probes and the API description.
 _OPEN_PATHS = frozenset({"/health", "/openapi.json"})
-# Encoded batches up to this size travel inline in the Ray call; larger ones as a NumPy view
-# (zero-copy into the object store).
-_INLINE_BYTES = 64 << 10
 
 
 # ---- the runtime, asynchronously ----------------------------------------------------------------
 
 class _Runtime:
-    """What the gateway asks of the runtime, as awaitable Ray calls (the Bus's placement and delta
-    ids, without blocking the event loop)."""
+    """What the gateway asks of the runtime, as awaitable Ray calls: a Bus's placement, batching
+    and delta ids (its _parts, _stamp, _submit), without blocking the event loop."""
 
     def __init__(self, namespace: str):
-        from mmsb_dist.runtime import COORDINATOR, _shard_name
+        from mmsb_dist.runtime import Bus
 
-        self.coordinator = ray.get_actor(COORDINATOR, namespace=namespace)
-        self.n = ray.get(self.coordinator.info.remote(),
-                         timeout=limits.gateway_start_timeout_s)["shards"]
-        self.shards = [ray.get_actor(_shard_name(i), namespace=namespace) for i in range(self.n)]
-        self.client_id = secrets.randbits(63) | 1
-        self._seq = 0  # only the event loop's thread touches it
+        self.bus = Bus(namespace, timeout_s=limits.gateway_start_timeout_s)
+        self.coordinator, self.shards, self.n = self.bus.coordinator, self.bus.shards, self.bus.n
         self._committed: set[int] = set()
 
     @staticmethod
@@ -80,34 +71,17 @@ class _Runtime:
         return await self._call(self.coordinator.info.remote(), 10.0)
 
     async def create_pages(self, count: int, size: int, dtype: str) -> np.ndarray:
-        from mmsb_dist.placement import shards_of
-
         start = await self._call(self.coordinator.allocate_ids.remote(count))
-        ids = np.arange(start, start + count, dtype=np.uint64)
-        owners = shards_of(ids, self.n)
-        await asyncio.gather(*(self._call(self.shards[s].create_pages.remote(
-            ids[owners == s], size, dtype)) for s in np.unique(owners)))
+        ids, refs = self.bus._create_on_shards(start, count, size, dtype)
+        await asyncio.gather(*(self._call(r) for r in refs))
         return ids
 
     async def write(self, batch) -> int:
         """One Arrow batch per shard, sent together; returns once every part is durable. A batch
         that spans shards is validated and applied whole on each shard, not across them."""
-        from mmsb_dist.formats import encode_deltas
-        from mmsb_dist.placement import shards_of
-
         batch.check()
-        owners = shards_of(batch.page_ids, self.n)
-        first = int(owners[0])
-        parts = ([(first, batch)] if bool(np.all(owners == first)) else
-                 [(int(s), batch.take(np.flatnonzero(owners == s))) for s in np.unique(owners)])
-        calls = []
-        for s, part in parts:
-            self._seq += 1
-            part = dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
-            buf = encode_deltas(part)
-            payload = buf.to_pybytes() if buf.size <= _INLINE_BYTES else np.frombuffer(buf, np.uint8)
-            calls.append(self._call(self.shards[s].apply.remote(payload)))
-        await asyncio.gather(*calls)
+        await asyncio.gather(*(self._call(self.bus._submit(s, self.bus._stamp(part)))
+                               for s, part in self.bus._parts(batch)))
         return len(batch)
 
     async def read(self, page_id: int, epoch: int | None) -> np.ndarray:

@@ -54,17 +54,9 @@ class Recompute:
     def encode(self) -> bytes:
         return msgpack.packb([self.kind, list(self.args), self.blob], use_bin_type=True)
 
-    @classmethod
-    def decode(cls, data: bytes) -> "Recompute":
+    @staticmethod
+    def decode(data: bytes) -> "Recompute":
         return _decode(bytes(data))
-
-    @classmethod
-    def _decode(cls, data: bytes) -> "Recompute":
-        try:
-            kind, args, blob = msgpack.unpackb(bytes(data), raw=False)
-        except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise InvalidDeltaError(f"malformed recompute function record: {exc}") from exc
-        return _checked(cls(str(kind), tuple(args), bytes(blob)))
 
     def describe(self) -> str:
         if self.kind == "user":
@@ -75,7 +67,11 @@ class Recompute:
 @functools.lru_cache(maxsize=4096)
 def _decode(data: bytes) -> Recompute:
     """Decoded once per distinct record (a recompute decodes its function every time)."""
-    return Recompute._decode(data)
+    try:
+        kind, args, blob = msgpack.unpackb(data, raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise InvalidDeltaError(f"malformed recompute function record: {exc}") from exc
+    return _checked(Recompute(str(kind), tuple(args), bytes(blob)))
 
 
 def _checked(r: Recompute) -> Recompute:
@@ -288,10 +284,20 @@ class DependencyGraph:
         return parents
 
     def add(self, child: int, parents) -> None:
-        parents = self.check_add(child, parents)
-        self.parents[int(child)] = parents
+        self._link(int(child), self.check_add(child, parents))
+
+    @classmethod
+    def from_edges(cls, edges) -> "DependencyGraph":
+        """A graph of edges that were checked when they were registered: (child, parents)."""
+        graph = cls()
+        for child, parents in edges:
+            graph._link(int(child), tuple(int(p) for p in parents))
+        return graph
+
+    def _link(self, child: int, parents: tuple[int, ...]) -> None:
+        self.parents[child] = parents
         for p in parents:
-            self.children.setdefault(p, set()).add(int(child))
+            self.children.setdefault(p, set()).add(child)
 
     def remove(self, child: int) -> tuple[int, ...]:
         child = int(child)

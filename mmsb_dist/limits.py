@@ -90,6 +90,11 @@ restore_hash_threads_max = 4
 
 # ---- runtime (mmsb_dist/runtime.py) ----------------------------------------------------------------
 
+# An encoded batch up to this size travels inline in the Ray call (as bytes); a larger one goes
+# through the object store (as an array). Inline skips a store round trip for the small batches
+# of single writes and HTTP requests; past ~64 KiB the store's zero-copy path wins.
+inline_batch_bytes_max = 64 << 10
+
 # Batches a client keeps in flight to one shard before it waits for the oldest (backpressure).
 # Bounds the memory one client pins in the object store to this many batches per shard; 8 keeps a
 # shard busy across Ray's ~1 ms round trip at any realistic batch size.

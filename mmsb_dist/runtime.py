@@ -185,9 +185,7 @@ class ShardActor:
         if self._frozen is None:
             raise EpochError(f"shard {self.engine.shard} is not in a barrier (it restarted or "
                              "its barrier timed out)")
-        out = self.engine.recompute(children, remote)
-        self.engine.take_outbox()  # the barrier already carried these values across
-        return out
+        return self.engine.recompute(children, remote)
 
     @ray.method(concurrency_group="control")
     def derive(self, child: int, parents, fn: bytes) -> None:
@@ -400,12 +398,8 @@ class CoordinatorActor:
         """The graph is the union of the shards' derived pages (each shard logs its own): a
         restarted coordinator rebuilds it and recomputes every derived page at the next barrier
         (an unchanged one logs nothing)."""
-        self.graph = DependencyGraph()
-        for edges in ray.get([s.derivations.remote() for s in self.shards]):
-            for child, parents in edges:
-                self.graph.parents[int(child)] = tuple(parents)
-                for p in parents:
-                    self.graph.children.setdefault(int(p), set()).add(int(child))
+        per_shard = ray.get([s.derivations.remote() for s in self.shards])
+        self.graph = DependencyGraph.from_edges(e for edges in per_shard for e in edges)
         self.pending = set(self.graph.parents)
         self.recompute_errors: list = []
         self.recomputed_pages = 0
@@ -497,9 +491,9 @@ def _shard_options(backend: str, namespace: str, gpus_per_shard: float) -> dict:
 class Bus:
     """A client of a running mmsb-dist: see ``connect``. Every write returns once durable."""
 
-    def __init__(self, namespace: str = "mmsb"):
+    def __init__(self, namespace: str = "mmsb", *, timeout_s: float | None = None):
         self.coordinator = ray.get_actor(COORDINATOR, namespace=namespace)
-        self.info = ray.get(self.coordinator.info.remote())
+        self.info = ray.get(self.coordinator.info.remote(), timeout=timeout_s)
         self.n = self.info["shards"]
         self.shards = [ray.get_actor(_shard_name(i), namespace=namespace) for i in range(self.n)]
         self.client_id = secrets.randbits(63) | 1  # non-zero: this client's batches de-duplicate
@@ -510,11 +504,17 @@ class Bus:
 
     def create_pages(self, n: int, size: int, dtype: str = "uint8") -> np.ndarray:
         start = ray.get(self.coordinator.allocate_ids.remote(int(n)))
+        ids, refs = self._create_on_shards(start, n, size, dtype)
+        ray.get(refs)
+        return ids
+
+    def _create_on_shards(self, start: int, n: int, size: int, dtype: str) -> tuple:
+        """Pages ``[start, start + n)`` (ids the coordinator handed out) created on their shards:
+        (ids, the calls' ObjectRefs)."""
         ids = np.arange(start, start + int(n), dtype=np.uint64)
         owners = shards_of(ids, self.n)
-        ray.get([self.shards[s].create_pages.remote(ids[owners == s], size, dtype)
-                 for s in np.unique(owners)])
-        return ids
+        return ids, [self.shards[s].create_pages.remote(ids[owners == s], size, dtype)
+                     for s in np.unique(owners)]
 
     def create_page(self, size: int, dtype: str = "uint8") -> int:
         return int(self.create_pages(1, size, dtype)[0])
@@ -524,11 +524,8 @@ class Bus:
     def write(self, page_id: int, offset: int, data) -> None:
         """One run, durable on return. The short path of write_many: one shard, no regrouping,
         and the encoded batch travels as bytes (inline in the Ray call)."""
-        self._seq += 1
-        batch = DeltaBatch.runs([page_id], [offset], [data], client_id=self.client_id,
-                                seq=self._seq)
-        shard = self.shards[int(shards_of(batch.page_ids, self.n)[0])]
-        ray.get(shard.apply.remote(encode_deltas(batch).to_pybytes()))
+        batch = self._stamp(DeltaBatch.runs([page_id], [offset], [data]))
+        ray.get(self._submit(int(shards_of(batch.page_ids, self.n)[0]), batch))
 
     def write_many(self, page_ids, offsets, payloads) -> int:
         """One Arrow batch per shard (cut at ``limits.batch_deltas_max``), at most
@@ -536,22 +533,39 @@ class Bus:
         durable. Per page, deltas apply in the order given."""
         batch = DeltaBatch.runs(page_ids, offsets, payloads)
         batch.check()
-        owners = shards_of(batch.page_ids, self.n)
         inflight: dict[int, list] = {}
-        for s in np.unique(owners):
-            rows = np.flatnonzero(owners == s)
-            for lo in range(0, rows.size, limits.batch_deltas_max):
-                part = (batch if rows.size == len(batch) <= limits.batch_deltas_max  # no copy
-                        else batch.take(rows[lo:lo + limits.batch_deltas_max]))
-                self._seq += 1
-                part = dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
-                window = inflight.setdefault(int(s), [])
-                if len(window) >= limits.inflight_batches_max:  # backpressure
-                    ray.get(window.pop(0))
-                payload = np.frombuffer(encode_deltas(part), dtype=np.uint8)
-                window.append(self.shards[s].apply.remote(payload))
+        for s, part in self._parts(batch):
+            window = inflight.setdefault(s, [])
+            if len(window) >= limits.inflight_batches_max:  # backpressure
+                ray.get(window.pop(0))
+            window.append(self._submit(s, self._stamp(part)))
         ray.get([ref for window in inflight.values() for ref in window])
         return len(batch)
+
+    def _parts(self, batch: DeltaBatch):
+        """(shard, part) of ``batch``: the deltas of each shard in their order, cut at
+        ``limits.batch_deltas_max`` (the batch itself where it is one shard's and fits)."""
+        owners = shards_of(batch.page_ids, self.n)
+        for s in np.unique(owners):
+            rows = np.flatnonzero(owners == s)
+            if rows.size == len(batch) <= limits.batch_deltas_max:  # no copy
+                yield int(s), batch
+                continue
+            for lo in range(0, rows.size, limits.batch_deltas_max):
+                yield int(s), batch.take(rows[lo:lo + limits.batch_deltas_max])
+
+    def _stamp(self, part: DeltaBatch) -> DeltaBatch:
+        """``part`` under this client's next delta id (a re-sent batch then applies once)."""
+        self._seq += 1
+        return dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
+
+    def _submit(self, shard: int, part: DeltaBatch):
+        """Send an encoded batch to ``shard``; the ObjectRef of its durable ack. A small batch
+        travels inline as bytes, a large one as an array (through the object store)."""
+        encoded = encode_deltas(part)
+        payload = (encoded.to_pybytes() if encoded.size <= limits.inline_batch_bytes_max
+                   else np.frombuffer(encoded, dtype=np.uint8))
+        return self.shards[shard].apply.remote(payload)
 
     # ---- reads --------------------------------------------------------------------------------
 
@@ -595,11 +609,9 @@ class Bus:
         page_id = int(page_id)
 
         def write(delta):
-            self._seq += 1
-            delta = dataclasses.replace(delta, client_id=self.client_id, seq=self._seq)
-            shard = self.shards[int(shards_of(delta.page_ids, self.n)[0])]
-            payload = np.frombuffer(encode_deltas(delta), dtype=np.uint8)
-            return delta, Ack(*ray.get(shard.apply.remote(payload)))
+            delta = self._stamp(delta)
+            ref = self._submit(int(shards_of(delta.page_ids, self.n)[0]), delta)
+            return delta, Ack(*ray.get(ref))
 
         return PageTrack(page_id, lambda: self.read(page_id), write)
 

@@ -3,7 +3,6 @@ background writer, and the same on S3 (moto's server on loopback)."""
 
 import json
 import os
-import socket
 import tempfile
 import threading
 
@@ -14,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from _s3kit import KEY, REGION, SECRET, moto_s3
 from mmsb_dist import CorruptionError, EpochError, PageArena
 from mmsb_dist import checkpoint as ck
 from mmsb_dist.arena import DTYPES
@@ -448,30 +448,14 @@ def test_writer_refuses_an_inconsistent_snapshot_at_submit(tmp_path, rng):
 
 @pytest.fixture(scope="module")
 def s3():
-    server_mod = pytest.importorskip(
-        "moto.server", reason="moto's server mode is not installed: pip install 'moto[server]'")
-    boto3 = pytest.importorskip("boto3")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")  # no instance-metadata lookups
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", aws_access_key_id="testing",
-                     aws_secret_access_key="testing", region_name="us-east-1"
-                     ).create_bucket(Bucket="ckpt")
+    with moto_s3("ckpt") as (port, client):
         # allow_delayed_open: an object smaller than one upload part goes up in a single PUT.
         # moto 5.2.0-5.2.1 answer CompleteMultipartUpload with a root tag pyarrow rejects
         # (getmoto/moto#10055, fixed in later releases), so this test keeps its files small.
         fs = pafs.S3FileSystem(endpoint_override=f"127.0.0.1:{port}", scheme="http",
-                               access_key="testing", secret_key="testing", region="us-east-1",
+                               access_key=KEY, secret_key=SECRET, region=REGION,
                                allow_delayed_open=True)
-        yield fs, boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
-                               aws_access_key_id="testing", aws_secret_access_key="testing",
-                               region_name="us-east-1")
-    finally:
-        server.stop()
+        yield fs, client
 
 
 def test_s3_round_trip_listing_and_cleanup(s3, rng):

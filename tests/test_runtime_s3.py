@@ -3,13 +3,13 @@
 log), replay and read as of the checkpointed epoch."""
 
 import os
-import socket
 import time
 
 import numpy as np
 import pytest
 import ray
 
+from _s3kit import KEY, REGION, SECRET, moto_s3
 from mmsb_dist import runtime
 from mmsb_dist.runtime import _shard_name
 
@@ -18,24 +18,9 @@ NS = "mmsb-s3-test"
 
 @pytest.fixture(scope="module")
 def s3_uri():
-    server_mod = pytest.importorskip(
-        "moto.server", reason="moto's server mode is not installed: pip install 'moto[server]'")
-    boto3 = pytest.importorskip("boto3")
-    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}",
-                              aws_access_key_id="testing", aws_secret_access_key="testing",
-                              region_name="us-east-1")
-        client.create_bucket(Bucket="mmsb")
-        yield (f"s3://testing:testing@mmsb/run?endpoint_override=127.0.0.1:{port}"
-               "&scheme=http&region=us-east-1&allow_delayed_open=true"), client
-    finally:
-        server.stop()
+    with moto_s3("mmsb") as (port, client):
+        yield (f"s3://{KEY}:{SECRET}@mmsb/run?endpoint_override=127.0.0.1:{port}"
+               f"&scheme=http&region={REGION}&allow_delayed_open=true"), client
 
 
 def test_checkpoints_on_s3_survive_a_shard_restart(s3_uri, tmp_path, rng):
