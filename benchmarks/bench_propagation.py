@@ -62,117 +62,116 @@ def _median(fn, rounds: int) -> tuple[float, float, float]:
     return statistics.median(xs), min(xs), max(xs)
 
 
+class _Shard:
+    """One ShardEngine plus what every same-shard measurement needs: timed writes, the backend's
+    array module for the baselines, and a device sync around them."""
+
+    def __init__(self, path: str, backend: str, rounds: int):
+        self.eng = ShardEngine(path, backend=backend, fsync="always")
+        self.xp = self.eng.backend.xp  # baselines run on the same array module as the shard
+        self.rng = np.random.default_rng(7)
+        self.rounds = rounds
+
+    def sync(self) -> None:
+        if self.xp is not np:
+            self.xp.cuda.Stream.null.synchronize()
+
+    def write(self, page: int, *, eager: bool = True) -> float:
+        """Seconds of one durable 64-byte write to ``page``; ``eager=False``: the write only
+        marks its page changed, as while a barrier is pending."""
+        data = self.rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
+        batch = DeltaBatch.runs([page], [0], [data.view(np.uint8)])
+        self.eng.eager = eager
+        try:
+            t0 = time.perf_counter()
+            self.eng.apply(batch)
+            return time.perf_counter() - t0
+        finally:
+            self.eng.eager = True
+
+    def timed_recompute(self, pages) -> float:
+        t0 = time.perf_counter()
+        self.eng.recompute(pages)
+        return time.perf_counter() - t0
+
+    def python_loop(self, step, n: int) -> float:
+        """Seconds of ``n`` plain calls of ``step`` (chained: each gets the last one's result)."""
+        v = self.xp.asarray(self.rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32))
+        self.sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            v = step(v)
+        self.sync()
+        return time.perf_counter() - t0
+
+    def measure(self, fn) -> tuple[float, float, float]:
+        fn()  # warm-up
+        return _median(fn, self.rounds)
+
+
+def _chain(s: _Shard, fn, chain: int) -> dict:
+    eng = s.eng
+    ids = eng.create_pages(chain + 2, PAGE, "uint32")
+    root, lone, links = int(ids[0]), int(ids[1]), [int(p) for p in ids[2:]]
+    enc = make_fn(fn).encode()
+    for parent, child in zip([root] + links, links):
+        eng.derive(child, [parent], enc)
+    eng.recompute(links)  # first computation (and warm-up of every path)
+
+    def barrier():
+        s.write(root, eager=False)
+        return s.timed_recompute(links) / chain
+
+    step = (lambda v: v.copy()) if fn == "copy" else _plus_one
+    h, hlo, hhi = s.measure(lambda: (s.write(root) - s.write(lone)) / chain)
+    b, blo, bhi = s.measure(barrier)
+    pc, pclo, pchi = s.measure(lambda: s.python_loop(step, chain) / chain)
+    assert np.array_equal(eng.read(links[-1]),
+                          eng.read(root) if fn == "copy" else eng.read(root) + np.uint32(chain))
+    for p in reversed(links):
+        eng.underive(p)
+    return {"eager_hop_us": h * 1e6, "eager_hop_us_range": [hlo * 1e6, hhi * 1e6],
+            "barrier_hop_us": b * 1e6, "barrier_hop_us_range": [blo * 1e6, bhi * 1e6],
+            "python_chain_hop_us": pc * 1e6, "python_chain_hop_us_range": [pclo * 1e6, pchi * 1e6]}
+
+
+def _fanout(s: _Shard, fanout: int) -> dict:
+    eng = s.eng
+    ids = eng.create_pages(fanout + 1, PAGE, "uint32")
+    parent, kids = int(ids[0]), [int(p) for p in ids[1:]]
+    enc = make_fn("copy").encode()
+    for k in kids:
+        eng.derive(k, [parent], enc)
+    eng.recompute(kids)
+
+    def barrier():
+        s.write(parent, eager=False)
+        return s.timed_recompute(kids)
+
+    fe, felo, fehi = s.measure(lambda: s.write(parent))
+    fb, fblo, fbhi = s.measure(barrier)
+    kept: list = []  # the copies are kept, as recomputed children are
+
+    def copy_kept(v):
+        kept.append(v.copy())
+        return v
+
+    fp, _, _ = s.measure(lambda: (kept.clear(), s.python_loop(copy_kept, fanout))[1])
+    assert all(np.array_equal(a, eng.read(parent)) for a in eng.read_many(kids[:50]))
+    return {"children": fanout, "eager_children_per_s": fanout / fe,
+            "eager_s_range": [felo, fehi], "barrier_children_per_s": fanout / fb,
+            "barrier_s_range": [fblo, fbhi], "python_loop_children_per_s": fanout / fp}
+
+
 def same_shard(root_dir: str, chain: int, fanout: int, rounds: int, backend: str) -> dict:
-    eng = ShardEngine(os.path.join(root_dir, "hop"), backend=backend, fsync="always")
-    xp = eng.backend.xp  # baselines run on the same array module as the shard
-
-    def sync():
-        if xp is not np:
-            xp.cuda.Stream.null.synchronize()
-    rng = np.random.default_rng(7)
-    out = {}
+    s = _Shard(os.path.join(root_dir, "hop"), backend, rounds)
     try:
-        for fn_name, fn in (("copy", "copy"), ("user x+1", _plus_one)):
-            ids = eng.create_pages(chain + 2, PAGE, "uint32")
-            root, lone, links = int(ids[0]), int(ids[1]), [int(p) for p in ids[2:]]
-            enc = make_fn(fn).encode()
-            prev = root
-            for p in links:
-                eng.derive(p, [prev], enc)
-                prev = p
-            eng.recompute(links)  # first computation (and warm-up of every path)
-
-            def write(page):
-                data = rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
-                batch = DeltaBatch.runs([page], [0], [data.view(np.uint8)])
-                t0 = time.perf_counter()
-                eng.apply(batch)
-                return time.perf_counter() - t0
-
-            def hop():
-                return (write(root) - write(lone)) / chain
-
-            def barrier():
-                eng.eager = False  # the write only marks the root changed, as under a barrier
-                write(root)
-                eng.eager = True
-                t0 = time.perf_counter()
-                eng.recompute(links)
-                return (time.perf_counter() - t0) / chain
-
-            base_fn = (lambda v: v.copy()) if fn == "copy" else _plus_one
-
-            def python_chain():
-                v = xp.asarray(rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32))
-                sync()
-                t0 = time.perf_counter()
-                for _ in range(chain):
-                    v = base_fn(v)
-                sync()
-                return (time.perf_counter() - t0) / chain
-
-            hop()
-            barrier()
-            python_chain()
-            h, hlo, hhi = _median(hop, rounds)
-            b, blo, bhi = _median(barrier, rounds)
-            pc, pclo, pchi = _median(python_chain, rounds)
-            assert np.array_equal(eng.read(links[-1]),
-                                  eng.read(root) if fn == "copy" else
-                                  eng.read(root) + np.uint32(chain))
-            out[fn_name] = {"eager_hop_us": h * 1e6, "eager_hop_us_range": [hlo * 1e6, hhi * 1e6],
-                            "barrier_hop_us": b * 1e6,
-                            "barrier_hop_us_range": [blo * 1e6, bhi * 1e6],
-                            "python_chain_hop_us": pc * 1e6,
-                            "python_chain_hop_us_range": [pclo * 1e6, pchi * 1e6]}
-            for p in reversed(links):
-                eng.underive(p)
-
-        ids = eng.create_pages(fanout + 1, PAGE, "uint32")
-        parent, kids = int(ids[0]), [int(p) for p in ids[1:]]
-        enc = make_fn("copy").encode()
-        for k in kids:
-            eng.derive(k, [parent], enc)
-        eng.recompute(kids)
-
-        def fan_eager():
-            data = rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
-            t0 = time.perf_counter()
-            eng.apply(DeltaBatch.runs([parent], [0], [data.view(np.uint8)]))
-            return time.perf_counter() - t0
-
-        def fan_barrier():
-            data = rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32)
-            eng.eager = False
-            eng.apply(DeltaBatch.runs([parent], [0], [data.view(np.uint8)]))
-            eng.eager = True
-            t0 = time.perf_counter()
-            eng.recompute(kids)
-            return time.perf_counter() - t0
-
-        def fan_python():
-            v = xp.asarray(rng.integers(0, 1 << 31, PAGE // 4, dtype=np.uint32))
-            sync()
-            t0 = time.perf_counter()
-            res = [v.copy() for _ in range(fanout)]
-            sync()
-            del res
-            return time.perf_counter() - t0
-
-        fan_eager()
-        fe, felo, fehi = _median(fan_eager, rounds)
-        fb, fblo, fbhi = _median(fan_barrier, rounds)
-        fp, fplo, fphi = _median(fan_python, rounds)
-        assert all(np.array_equal(a, eng.read(parent)) for a in eng.read_many(kids[:50]))
-        out["fanout"] = {"children": fanout,
-                         "eager_children_per_s": fanout / fe,
-                         "eager_s_range": [felo, fehi],
-                         "barrier_children_per_s": fanout / fb,
-                         "barrier_s_range": [fblo, fbhi],
-                         "python_loop_children_per_s": fanout / fp}
+        out = {name: _chain(s, fn, chain) for name, fn in (("copy", "copy"),
+                                                             ("user x+1", _plus_one))}
+        out["fanout"] = _fanout(s, fanout)
+        return out
     finally:
-        eng.close()
-    return out
+        s.eng.close()
 
 
 def cross_shard(root_dir: str, hops: int, rounds: int) -> dict:

@@ -494,26 +494,14 @@ class ShardEngine:
             return out
 
     def _graph_indexes(self) -> None:
+        from mmsb_dist.graph import DependencyGraph
+
         derived = self._state.derived
         self._derived_ids = np.array(sorted(derived), np.uint64)
-        kids: dict[int, list[int]] = {}
-        for c, (ps, _) in derived.items():
-            for p in set(ps):
-                kids.setdefault(p, []).append(c)
-        self._local_kids = kids
-        self._watched_ids = np.array(sorted(set(kids) | set(self._watch)), np.uint64)
-        # Topological order of this shard's derived pages over edges inside the shard.
-        indeg = {c: len({p for p in ps if p in derived}) for c, (ps, _) in derived.items()}
-        ready = sorted(c for c, d in indeg.items() if d == 0)
-        order = []
-        while ready:
-            node = ready.pop()
-            order.append(node)
-            for c in kids.get(node, ()):
-                indeg[c] -= 1
-                if indeg[c] == 0:
-                    ready.append(c)
-        self._local_rank = {c: i for i, c in enumerate(order)}
+        # This shard's part of the graph: its derived pages and their parents (of any shard).
+        self._local = DependencyGraph.from_edges((c, ps) for c, (ps, _) in derived.items())
+        self._watched_ids = np.array(sorted(set(self._local.children) | set(self._watch)),
+                                     np.uint64)
         self._downstream: dict[int, list[int]] = {}
 
     def _refuse_derived(self, page_ids) -> None:
@@ -533,40 +521,30 @@ class ShardEngine:
         self._changed.update(hit)
         if not self.eager:
             return
-        self._queue_remote(hit, {})
+        watched = [p for p in hit if p in self._watch]
+        if watched:
+            self._queue_remote(dict(zip(watched, (a.reshape(-1).view(np.uint8)
+                                                  for a in self.arena.read_many(watched)))))
         order = self._local_downstream(hit)
         if order:
             self._recompute(order, self._remote, barrier=False)
 
     def _local_downstream(self, pages) -> list[int]:
-        """This shard's derived pages downstream of ``pages`` over local edges, in order (one
-        page's list is cached until the graph changes: writes keep hitting the same pages)."""
+        """This shard's derived pages downstream of ``pages`` over its edges, in topological
+        order (one page's list is cached until the graph changes: writes hit the same pages)."""
         pages = list(pages)
-        if len(pages) == 1 and pages[0] in self._downstream:
-            return self._downstream[pages[0]]
-        seen, stack = set(), list(pages)
-        while stack:
-            for c in self._local_kids.get(stack.pop(), ()):
-                if c not in seen:
-                    seen.add(c)
-                    stack.append(c)
-        order = sorted(seen, key=self._local_rank.__getitem__)
-        if len(pages) == 1:
-            self._downstream[pages[0]] = order
+        if len(pages) != 1:
+            return self._local.affected(pages)
+        order = self._downstream.get(pages[0])
+        if order is None:
+            order = self._downstream[pages[0]] = self._local.affected(pages)
         return order
 
-    def _queue_remote(self, pages, fresh: dict) -> None:
-        watched = [p for p in pages if p in self._watch]
-        if not watched:
-            return
-        missing = [p for p in watched if p not in fresh]
-        values = dict(fresh)
-        if missing:
-            values.update(zip(missing, (a.reshape(-1).view(np.uint8)
-                                        for a in self.arena.read_many(missing))))
-        for p in watched:
+    def _queue_remote(self, values: dict) -> None:
+        """Queue the bytes of watched pages (page -> bytes) for the shards of their children."""
+        for p, v in values.items():
             for s in self._watch[p]:
-                self._outbox.setdefault(s, {})[p] = values[p]
+                self._outbox.setdefault(s, {})[p] = v
 
     def _recompute(self, order: list[int], remote: dict, *, barrier: bool) -> dict:
         """Recompute ``order`` (topological) and log what changed. ``barrier``: a parent that is
@@ -628,7 +606,7 @@ class ShardEngine:
         watched = {ids[r]: host[starts[r]:starts[r] + sizes[r]] for r in rows
                    if ids[r] in self._watch}
         if watched and not barrier:
-            self._queue_remote(list(watched), watched)
+            self._queue_remote(watched)
         return {"changed": len(rows), "errors": errors}
 
     def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> tuple:
