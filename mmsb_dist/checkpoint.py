@@ -543,13 +543,18 @@ def _page_hashes(data: np.ndarray, starts: np.ndarray, sizes: np.ndarray) -> np.
 
 def _first_bad_page(snap: ArenaSnapshot, hashes: np.ndarray, layout: _Layout, path: str,
                     message: str) -> CorruptionError | None:
-    """The error naming the first page whose recomputed hash differs from its stored one.
+    """The error naming the page whose recomputed hash differs from its stored one.
 
     Which of the two is damaged: a changed byte changes a page's hash in about half its 64 bits,
-    so a stored hash a few bits off its page's hash is itself the damaged part."""
+    so a stored hash a few bits off its page's hash is itself the damaged part. Only a single bad
+    page is located: when several disagree, the damage may be in the file's structure (a buffer
+    descriptor that moves where the page bytes are read from), which no page position describes."""
     bad = np.flatnonzero(hashes != snap.hashes)
     if not bad.size:
         return None
+    if bad.size > 1:
+        return CorruptionError(f"{message}; {bad.size} pages disagree with their stored hashes "
+                               "(damage across pages or in the file's structure)", path=path)
     i = int(bad[0])
     page = int(snap.page_ids[i])
     if int(hashes[i] ^ snap.hashes[i]).bit_count() <= _HASH_DAMAGE_BITS_MAX:

@@ -339,32 +339,26 @@ class CoordinatorActor:
         if not self.graph.parents:  # nothing derived: each shard's seal is the whole barrier
             refs = {s: self.shards[s].seal.remote(ins.epoch) for s in ins.shards}
             return self._collect_seals(ins.epoch, refs)
-        failed = {"shard": ins.shards[0]}
-
-        def get(refs: dict) -> dict:
-            out = {}
-            for s, ref in refs.items():
-                failed["shard"] = s
-                out[s] = ray.get(ref, timeout=self.timeout)
-            return out
 
         def fetch(wanted):
-            got = get({o: self.shards[o].read_cut.remote(ids) for o, ids in wanted.items()})
+            got = self._gather({o: self.shards[o].read_cut.remote(ids)
+                                for o, ids in wanted.items()})
             return {p: v for o, ids in wanted.items() for p, v in zip(ids, got[o])}
 
         def recompute(tasks):
-            return get({s: self.shards[s].recompute.remote(ch, rem)
-                        for s, (ch, rem) in tasks.items()})
+            return self._gather({s: self.shards[s].recompute.remote(ch, rem)
+                                 for s, (ch, rem) in tasks.items()})
 
         try:  # hold writes, recompute from the cut in topological order, then seal
-            reports = get({s: self.shards[s].freeze.remote(ins.epoch) for s in ins.shards})
+            reports = self._gather({s: self.shards[s].freeze.remote(ins.epoch)
+                                    for s in ins.shards})
             changed = changed_pages(self.graph, reports, self._owner, self.pending)
             plan = self.graph.plan(changed, self._owner)
             errors = run_plan(self.graph, plan, self._owner, fetch, recompute)
-        except (ray.exceptions.RayError, TimeoutError, MmsbError):
+        except _ShardCallFailed as failed:
             for s in ins.shards:  # let writes through again (a shard that is gone needs nothing)
                 self.shards[s].thaw.remote()
-            return self.proto.shard_failed(failed["shard"], now=time.monotonic())
+            return self.proto.shard_failed(failed.shard, now=time.monotonic())
         self.recompute_errors = (self.recompute_errors + [
             {"epoch": ins.epoch, "page": c, "error": m} for c, m in errors
         ])[-limits.recompute_errors_kept:]
@@ -380,14 +374,25 @@ class CoordinatorActor:
         return out
 
     def _collect_seals(self, epoch: int, refs: dict) -> list:
+        try:
+            seals = self._gather(refs)
+        except _ShardCallFailed as failed:
+            return self.proto.shard_failed(failed.shard, now=time.monotonic())
         out = []
-        for s, ref in refs.items():
-            try:
-                cut, h = ray.get(ref, timeout=self.timeout)
-            except (ray.exceptions.RayError, TimeoutError):
-                return self.proto.shard_failed(s, now=time.monotonic())
+        for s, (cut, h) in seals.items():
             out += self.proto.prepared(s, epoch, cut, h)
         return out + self.proto.tick(now=time.monotonic())
+
+    def _gather(self, refs: dict) -> dict:
+        """shard -> result of each call, each within the prepare timeout; _ShardCallFailed
+        naming the first shard whose call failed or timed out."""
+        out = {}
+        for s, ref in refs.items():
+            try:
+                out[s] = ray.get(ref, timeout=self.timeout)
+            except (ray.exceptions.RayError, TimeoutError, MmsbError) as exc:
+                raise _ShardCallFailed(s) from exc
+        return out
 
     # ---- the dependency graph ------------------------------------------------------------------
 
@@ -468,6 +473,14 @@ class CoordinatorActor:
             raise CorruptionError(f"replay of epoch {epoch} differs from its recorded hash on "
                                   f"shards {bad}")
         return {s: f"{h:016x}" for s, h in enumerate(got)}
+
+
+class _ShardCallFailed(Exception):
+    """A shard's part of a barrier failed or timed out (the attempt aborts)."""
+
+    def __init__(self, shard: int):
+        super().__init__(f"shard {shard}")
+        self.shard = shard
 
 
 def _unwrap(call):
