@@ -10,9 +10,16 @@ from __future__ import annotations
 
 import os
 
-import numba
-import numpy as np
-from numba import njit, prange
+# numba runs prange loops on OpenMP threads where libgomp is available. GNU OpenMP's default is to
+# spin for a while after each parallel region; a shard calls the threaded scatter every few ms, so its
+# idle threads would spin between batches and take the cores that Ray's I/O threads, the log's fsync
+# and the client need (measured: a shard used 2x the CPU time per 10k-delta batch of 64-byte runs).
+# Passive threads sleep instead. Read once, when OpenMP starts: set before the first kernel.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numba  # noqa: E402
+import numpy as np  # noqa: E402
+from numba import njit, prange  # noqa: E402
 
 from mmsb_dist.kernels.reference import FMIX_M1, FMIX_M2, HASH_P1, HASH_P2
 

@@ -33,11 +33,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from mmsb_dist import checkpoint as ckpt
+from mmsb_dist import limits
 from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
-                              InvalidPageError, MmsbError)
+                              InvalidPageError, LogFailedError, MmsbError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
 from mmsb_dist.log import LogPartition
 
@@ -156,6 +157,7 @@ class ShardEngine:
         self._asof: tuple[int, PageArena] | None = None  # the last replayed epoch, for reads
         self._last_snapshot = None  # (future, snapshot): its buffer is reused once written
         self._closed = False
+        self._failure: BaseException | None = None  # an overlapped log write failed: see apply_many
         self._watch: dict[int, list[int]] = {}  # parent here -> shards with children of it
         self._remote: dict[int, np.ndarray] = {}  # latest bytes seen of parents on other shards
         self._outbox: dict[int, dict[int, np.ndarray]] = {}  # shard -> {parent: bytes} to send
@@ -257,21 +259,43 @@ class ShardEngine:
                 items.append((batch, payload if payload is not None else encode_deltas(batch),
                               slots, dest))
             epoch = self.open_epoch
-            firsts = iter(self.log.append_many([(it[1], epoch, len(it[0])) for it in items if it]))
-            for it in items:
-                if it is None:
-                    acks.append(Ack(-1, 0, epoch, duplicate=True))
-                    continue
-                batch, _, slots, dest = it
-                first = next(firsts)
-                self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
-                acks.append(Ack(first, len(batch), epoch))
+            frames = [(it[1], epoch, len(it[0])) for it in items if it]
+            # A large group is applied to the arena while the log writes and syncs it (the lock
+            # keeps it unseen until durable); a small one waits for the log first (write-ahead).
+            overlap = sum(len(f[0]) for f in frames) >= limits.log_overlap_bytes_min
+            if overlap:
+                firsts, durable = self.log.append_many_async(frames)
+            else:
+                firsts, durable = self.log.append_many(frames), None
+            try:
+                firsts = iter(firsts)
+                for it in items:
+                    if it is None:
+                        acks.append(Ack(-1, 0, epoch, duplicate=True))
+                        continue
+                    batch, _, slots, dest = it
+                    first = next(firsts)
+                    self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
+                    acks.append(Ack(first, len(batch), epoch))
+            finally:
+                if durable is not None:
+                    self._await_durable(durable)
             self._state.hwm = seen
             if self._watched_ids.size:
                 touched = np.concatenate([it[0].page_ids for it in items if it]
                                          or [np.zeros(0, np.uint64)])
                 self._touched(touched)
             return acks
+
+    def _await_durable(self, durable) -> None:
+        """Wait for an overlapped log write. If it failed, the arena holds a batch the log may
+        not: the engine fails for good (every later call raises); reopening recovers from the
+        log, where the batch is whole or absent, and it was never acknowledged."""
+        try:
+            durable.result()
+        except BaseException as exc:
+            self._failure = exc
+            raise
 
     def create_pages(self, n: int | None = None, size: int = 4096, dtype="uint8",
                      ids=None) -> np.ndarray:
@@ -647,6 +671,7 @@ class ShardEngine:
         """Host copies of pages, live or as of a sealed epoch (without touching the live state)."""
         if epoch is None:
             with self._lock:
+                self._check_open()
                 return self.arena.read_many(page_ids)
         cached = self._asof
         if cached is None or cached[0] != epoch:
@@ -719,6 +744,10 @@ class ShardEngine:
     def _check_open(self) -> None:
         if self._closed:
             raise MmsbError(f"shard engine {self.path} is closed")
+        if self._failure is not None:
+            raise LogFailedError(f"shard engine {self.path} failed ({self._failure!r}); its "
+                                 "memory may hold an unlogged batch: reopen it to recover "
+                                 "from the log") from self._failure
 
     def close(self) -> None:
         with self._lock:

@@ -68,6 +68,11 @@ frame_lsns_max = (1 << 32) - 1
 # what is left goes to the next group. Bounds the time one group makes the callers behind it wait.
 group_bytes_max = 64 << 20
 
+# A shard applies a group of batches of at least this many encoded bytes to its arena while the log
+# writes and syncs it (ShardEngine.apply_many), instead of after: the fsync (~0.5-1 ms here) hides
+# behind the scatter. Below it, handing the write to the log's thread costs more than it saves.
+log_overlap_bytes_min = 64 << 10
+
 # ---- checkpoints (mmsb_dist/checkpoint.py) -------------------------------------------------------
 
 # Checkpoints submitted to a CheckpointWriter and not yet written, the one being written included.
@@ -94,6 +99,11 @@ restore_hash_threads_max = 4
 # through the object store (as an array). Inline skips a store round trip for the small batches
 # of single writes and HTTP requests; past ~64 KiB the store's zero-copy path wins.
 inline_batch_bytes_max = 64 << 10
+
+# Up to this size an encoded batch still travels inline, cut into inline_batch_bytes_max pieces
+# (separate call arguments, joined by the shard): on a 2-core machine that saves ~0.7-1 ms per call
+# against the object store at 200 KB-1 MB (benchmarks/notes.md); past ~1 MB the store wins.
+inline_chunked_bytes_max = 1 << 20
 
 # Batches a client keeps in flight to one shard before it waits for the oldest (backpressure).
 # Bounds the memory one client pins in the object store to this many batches per shard; 8 keeps a

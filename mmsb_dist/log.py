@@ -13,6 +13,8 @@ The contract with the shard that owns the partition, in order:
    are group-committed: one of them (the leader) writes every pending frame with one ``writev`` and
    one fsync while the others wait for it.
 2. The shard applies the batch only after ``append`` returned (write-ahead), then acknowledges it.
+   A large batch may instead go through ``append_many_async`` and be applied to memory while the
+   log writes it; it is still acknowledged, or shown to anyone, only once durable.
 3. ``sync()`` makes everything appended so far durable whatever the policy (the epoch barrier).
 4. ``read(from_lsn, to_lsn)`` replays frames in LSN order, verifying every CRC.
 5. ``drop_before(lsn)`` deletes whole segments below a checkpoint's LSN cut.
@@ -34,6 +36,7 @@ import threading
 import time
 from array import array
 from bisect import bisect_right
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterable, Iterator, NamedTuple
 
@@ -344,6 +347,7 @@ class LogPartition:
         self._size, self._next_lsn = self._active.size, self._active.end_lsn
         self._stop = threading.Event()
         self._syncer = None
+        self._flusher: ThreadPoolExecutor | None = None  # append_many_async, created on first use
         if fsync == "interval":
             self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
                                             name=f"mmsb-log-fsync {self.path}")
@@ -408,6 +412,24 @@ class LogPartition:
         ticket, firsts = self._enqueue(prepared)
         self._commit(ticket)
         return firsts
+
+    def append_many_async(self, frames: Iterable[tuple]) -> tuple[list[int], Future]:
+        """``append_many`` that returns at once: the first LSN of each frame and a Future that
+        completes once they are durable under the fsync policy (or raises the log's error). The
+        log's flusher thread writes and syncs them, so the caller can apply the batch to memory
+        meanwhile; it must not acknowledge the batch, or let anyone read it, before the Future
+        completes. Payloads must not change until then."""
+        prepared = [_prepare(p, e, c) for p, e, c in frames]
+        if not prepared:
+            done: Future = Future()
+            done.set_result(None)
+            return [], done
+        ticket, firsts = self._enqueue(prepared)
+        with self._cond:
+            if self._flusher is None:
+                self._flusher = ThreadPoolExecutor(1, thread_name_prefix="mmsb-log-flush")
+            flusher = self._flusher
+        return firsts, flusher.submit(self._commit, ticket)
 
     def _enqueue(self, prepared: list) -> tuple[int, list[int]]:
         with self._cond:
@@ -615,6 +637,8 @@ class LogPartition:
             if self._syncer is not None:
                 self._stop.set()
                 self._syncer.join()
+            if self._flusher is not None:  # its tickets are at or below the one committed above
+                self._flusher.shutdown(wait=True)
             self._release()
 
     def _release(self) -> None:

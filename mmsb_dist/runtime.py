@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import threading
@@ -26,7 +27,8 @@ import ray
 
 from mmsb_dist import limits
 from mmsb_dist.delta import DeltaBatch
-from mmsb_dist.errors import CorruptionError, EpochError, InvalidPageError, MmsbError
+from mmsb_dist.errors import (CorruptionError, EpochError, InvalidPageError, LogFailedError,
+                              MmsbError)
 from mmsb_dist.graph import DependencyGraph, changed_pages, make_fn, run_plan
 from mmsb_dist.formats import encode_deltas
 from mmsb_dist.placement import shards_of
@@ -79,11 +81,21 @@ class ShardActor:
             self.engine.create_pages(ids=todo, size=size, dtype=dtype)
         return int(todo.size)
 
-    def apply(self, payload) -> tuple:
+    def apply(self, *parts) -> tuple:
+        """Apply one encoded batch, sent whole or in consecutive pieces (see Bus._submit)."""
         start = time.perf_counter()
+        payload = parts[0] if len(parts) == 1 else b"".join(parts)
         with self._gate:
             self._wait_open()
-            ack = self.engine.apply(payload)
+            try:
+                ack = self.engine.apply(payload)
+            except LogFailedError:
+                # fail-stop: the log can no longer be written (an fsync failed, the disk is gone)
+                # and the engine's memory may be ahead of it. Ray restarts the shard, which
+                # recovers from the log; this call is retried and applies at most once.
+                logging.getLogger(__name__).critical("shard %d: log failed; restarting",
+                                                     self.engine.shard, exc_info=True)
+                os._exit(75)
         self._send_outbox()
         self.metrics.applied(0 if ack.duplicate else ack.count,  # bytes: the encoded batch
                              getattr(payload, "nbytes", None) or len(payload),
@@ -573,12 +585,16 @@ class Bus:
         return dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
 
     def _submit(self, shard: int, part: DeltaBatch):
-        """Send an encoded batch to ``shard``; the ObjectRef of its durable ack. A small batch
-        travels inline as bytes, a large one as an array (through the object store)."""
+        """Send an encoded batch to ``shard``; the ObjectRef of its durable ack. A batch of up to
+        ``limits.inline_chunked_bytes_max`` travels inline in the call, as bytes arguments of at
+        most ``limits.inline_batch_bytes_max`` each (Ray inlines each argument under its 100 KB
+        direct-call limit); a larger one as one array, through the object store."""
         encoded = encode_deltas(part)
-        payload = (encoded.to_pybytes() if encoded.size <= limits.inline_batch_bytes_max
-                   else np.frombuffer(encoded, dtype=np.uint8))
-        return self.shards[shard].apply.remote(payload)
+        if encoded.size > limits.inline_chunked_bytes_max:
+            return self.shards[shard].apply.remote(np.frombuffer(encoded, dtype=np.uint8))
+        step = limits.inline_batch_bytes_max
+        return self.shards[shard].apply.remote(
+            *[encoded[i:i + step].to_pybytes() for i in range(0, encoded.size, step)])
 
     # ---- reads --------------------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ Opens a ShardEngine (recovery), prints ``ready``, creates whichever of the test'
 then loops: apply batch k (printing ``ack <seq> <first_lsn>`` after apply() returned), seal an
 epoch every 7 batches and checkpoint every third seal. Batch ``seq`` = ROUND * 10**6 + k is rebuilt
 by ``batch_for(seed, seq)``, so the parent can check any recovered state without knowing what the
-child managed to do. Each batch carries (client 1, seq) as its delta id.
+child managed to do. Each batch carries (client 1, seq) as its delta id. Odd rounds apply every
+batch to the arena while the log writes it (ShardEngine's overlapped path), even rounds after.
 """
 
 from __future__ import annotations
@@ -50,6 +51,9 @@ def main() -> None:
     from mmsb_dist.engine import ShardEngine
 
     data_dir, seed, rnd = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    if rnd % 2:  # odd rounds apply every batch while the log writes it (the large-batch path)
+        from mmsb_dist import limits
+        limits.log_overlap_bytes_min = 0
     engine = ShardEngine(data_dir, backend="numpy", fsync="always")
     print("ready", flush=True)
     existing = set(engine.arena.page_ids().tolist())  # a kill may land between two creates

@@ -102,6 +102,34 @@ def test_shard_killed_during_writes(world):
         writer.stop("shard kills")
 
 
+def test_failed_fsync_restarts_the_shard_and_writes_go_on(world):
+    """A shard whose log fails (fsync EIO) stops for good instead of serving memory the log may
+    not hold; Ray restarts it, it recovers from the log, the write in flight is retried."""
+    def break_fsync(shard):  # runs in the shard's process (defined here: pickled by value)
+        import os
+
+        from mmsb_dist import log as logmod
+
+        def broken(fd):
+            raise OSError(5, "Input/output error")   # a dying disk
+        logmod._datasync = broken
+        return os.getpid()
+
+    w = world
+    writer = Writer(w.bus, w.log, seed=SEED + 9)
+    writer.start()
+    try:
+        writer.wait_progress(5, "before the fsync failure")
+        pid = ray.get(w.bus.shards[0].__ray_call__.remote(break_fsync), timeout=CALL_TIMEOUT_S)
+        wait_until(lambda: _shard_pid(w, 0) != pid, timeout_s=CALL_TIMEOUT_S,
+                   what="shard 0 restarted after its log failed")
+        writer.wait_progress(20, "writes after the restart")
+        _commit_while_writing(w, "commit after the fsync failure")
+        _check(w, writer, "fsync failure")
+    finally:
+        writer.stop("fsync failure")
+
+
 def test_coordinator_killed_during_writes(world):
     w, rng = world, random.Random(SEED + 2)
     writer = Writer(w.bus, w.log, seed=SEED + 3)

@@ -291,6 +291,34 @@ def test_failed_fsync_poisons_the_partition(tmp_path, monkeypatch):
         assert _read_all(log)[0] == (0, 1, 0, b"durable")
 
 
+def test_async_append_is_readable_and_durable_once_its_future_completes(tmp_path, monkeypatch):
+    _slow_datasync(monkeypatch, 0.05)
+    log = LogPartition(tmp_path)
+    firsts, durable = log.append_many_async([(b"a", 3, 2), (b"bc", 3, 5)])
+    assert firsts == [0, 2]
+    assert _read_all(log) == [] or durable.done()  # unseen until written
+    durable.result(timeout=10)
+    assert log.append(b"d", epoch=4, lsn_count=1) == 7
+    assert log.statistics()["fsyncs"] >= 2
+    log.close()
+    with LogPartition(tmp_path) as log:
+        assert _read_all(log) == [(0, 2, 3, b"a"), (2, 5, 3, b"bc"), (7, 1, 4, b"d")]
+
+
+def test_async_append_reports_a_failed_fsync(tmp_path, monkeypatch):
+    log = LogPartition(tmp_path)
+
+    def broken(fd):
+        raise OSError(5, "Input/output error")
+    monkeypatch.setattr(logmod, "_datasync", broken)
+    _, durable = log.append_many_async([(b"lost?", 0, 1)])
+    with pytest.raises(LogFailedError):
+        durable.result(timeout=10)
+    with pytest.raises(LogFailedError):
+        log.append_many_async([(b"refused", 0, 1)])
+    log.close()
+
+
 # ---- corruption and recovery ---------------------------------------------------------------------
 
 @settings(max_examples=60, deadline=None)
