@@ -289,8 +289,37 @@ def shape_fault(offsets, data_starts, masked, mask_starts, page_bytes_max):
 def translate(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes, slots, dest):
     """Check every delta (already shape-checked) against the page table in one pass, filling
     ``slots`` and absolute ``dest`` offsets. Returns (code, index) of the first fault, or (OK, -1)."""
+    return _translate_range(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes,
+                            slots, dest, 0, page_ids.shape[0])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def translate_parallel(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes,
+                       slots, dest, parts):
+    """translate on ``parts`` threads, each over a contiguous range of the batch (random page ids
+    make each lookup a cache miss: the threads overlap them). The first fault of the lowest range
+    that has one is the first fault in batch order."""
+    n = page_ids.shape[0]
+    step = (n + parts - 1) // parts
+    codes = np.zeros(parts, np.int64)
+    where = np.full(parts, -1, np.int64)
+    for k in prange(parts):
+        lo = k * step
+        code, i = _translate_range(page_ids, offsets, data_starts, keys, vals, page_offsets,
+                                   page_sizes, slots, dest, lo, min(n, lo + step))
+        codes[k] = code
+        where[k] = i
+    for k in range(parts):
+        if codes[k] != 0:
+            return codes[k], where[k]
+    return 0, -1
+
+
+@_jit
+def _translate_range(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes, slots,
+                     dest, lo, hi):
     mask = np.uint64(keys.shape[0] - 1)
-    for i in range(page_ids.shape[0]):
+    for i in range(lo, hi):
         k = page_ids[i]
         h = _fmix64(k) & mask
         while keys[h] != k:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 
 from mmsb_dist import _cpu, limits
@@ -337,8 +338,13 @@ class PageArena:
         n = len(batch)
         slots = np.empty(n, np.int64)
         dest = np.empty(n, np.int64)
-        code, i = _cpu.translate(batch.page_ids, batch.offsets, batch.data_starts, self._keys,
-                                 self._vals, self._offsets, self._sizes, slots, dest)
+        args = (batch.page_ids, batch.offsets, batch.data_starts, self._keys, self._vals,
+                self._offsets, self._sizes, slots, dest)
+        threads = min(numba.get_num_threads(), limits.cpu_translate_threads_max)
+        if n >= limits.cpu_parallel_runs_min and threads > 1:
+            code, i = _cpu.translate_parallel(*args, threads)
+        else:
+            code, i = _cpu.translate(*args)
         if code != _cpu.OK:
             size = int(self._sizes[self.slots_of(batch.page_ids[i:i + 1])[0]]) \
                 if code == _cpu.OUT_OF_BOUNDS else None

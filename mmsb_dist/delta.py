@@ -138,6 +138,16 @@ class DeltaBatch:
         return DeltaBatch(self.page_ids[rows], self.offsets[rows], starts, payload,
                           self.masked[rows], mstarts, masks, self.client_id, self.seq)
 
+    def slice(self, lo: int, hi: int) -> "DeltaBatch":
+        """Deltas ``lo..hi-1`` as a new batch with the same delta id: views of this batch's
+        payload and masks, only the start columns rebased (no payload copy)."""
+        d0, d1 = int(self.data_starts[lo]), int(self.data_starts[hi])
+        m0, m1 = int(self.mask_starts[lo]), int(self.mask_starts[hi])
+        return DeltaBatch(self.page_ids[lo:hi], self.offsets[lo:hi],
+                          self.data_starts[lo:hi + 1] - d0, self.payload[d0:d1],
+                          self.masked[lo:hi], self.mask_starts[lo:hi + 1] - m0,
+                          self.masks[m0:m1], self.client_id, self.seq)
+
     # ---- properties -----------------------------------------------------------------------------
 
     def __len__(self) -> int:

@@ -49,6 +49,10 @@ control_message_bytes_max = 1 << 20
 # a 10k-delta batch (a typical logged frame) goes threaded: replay ran 2.5 -> 4.0 M deltas/s here.
 cpu_parallel_runs_min = 1 << 13
 
+# Threads of the page-table translation in batch validation (arena.validate), on any backend: the
+# lookups are cache misses that threads overlap; past ~16 the memory system, not the threads, limits.
+cpu_translate_threads_max = 16
+
 # ---- log (mmsb_dist/log.py) ---------------------------------------------------------------------
 
 # A segment is the unit of retention and one file of the recovery scan. 64 MiB keeps the file count
@@ -72,6 +76,11 @@ group_bytes_max = 64 << 20
 # writes and syncs it (ShardEngine.apply_many), instead of after: the fsync (~0.5-1 ms here) hides
 # behind the scatter. Below it, handing the write to the log's thread costs more than it saves.
 log_overlap_bytes_min = 64 << 10
+
+# A log write of at least twice this goes out in pieces of this size, each handed to the disk
+# (writeback started) before the next is copied, so the fsync that follows waits for the last piece
+# only (84 MB: 48 -> 31 ms here). Small enough to overlap, large enough for sequential writes.
+log_writeback_piece_bytes = 8 << 20
 
 # ---- checkpoints (mmsb_dist/checkpoint.py) -------------------------------------------------------
 
@@ -109,6 +118,11 @@ inline_chunked_bytes_max = 1 << 20
 # Bounds the memory one client pins in the object store to this many batches per shard; 8 keeps a
 # shard busy across Ray's ~1 ms round trip at any realistic batch size.
 inflight_batches_max = 8
+
+# write_many cuts each shard's deltas into batches of at most this many (one frame, one fsync each),
+# so that a large call pipelines: the client encodes and sends batch k+1 while the shard logs and
+# applies batch k. 128 Ki deltas of 64 bytes is ~10 MiB encoded: the fsync per batch is amortized.
+write_batch_deltas = 1 << 17
 
 # The coordinator logs a page-id high-water mark this far ahead of the ids it hands out, so that
 # most allocations cost no log write; a restart skips at most this many ids (of 2^64).

@@ -32,6 +32,7 @@ import operator
 import os
 import re
 import struct
+import sys
 import threading
 import time
 from array import array
@@ -158,10 +159,46 @@ def _prepare(payload, epoch, lsn_count) -> tuple[memoryview, int, int, int]:
     return view, crc32c.crc32c(view), epoch, lsn_count
 
 
-def _write_all(fd: int, bufs: list) -> None:
+def _pieces(views: list, piece: int) -> Iterator[list]:
+    """``views`` cut into consecutive lists of at most ``piece`` bytes (views split as needed)."""
+    out, size = [], 0
+    for v in views:
+        while v.nbytes:
+            take = min(v.nbytes, piece - size)
+            out.append(v[:take])
+            v, size = v[take:], size + take
+            if size == piece:
+                yield out
+                out, size = [], 0
+    if out:
+        yield out
+
+
+def _write_all(fd: int, bufs: list, at: int | None = None) -> None:
     """writev every buffer in order. One writev takes at most IOV_MAX buffers and may write less
-    than asked (Linux stops near 2 GiB), so loop until all is out."""
+    than asked (Linux stops near 2 GiB), so loop until all is out.
+
+    ``at`` (the file offset the buffers start at) asks for early writeback: a large write goes out
+    in ``limits.log_writeback_piece_bytes`` pieces, and after each the kernel is told to start
+    writing that piece to the disk (posix_fadvise DONTNEED starts writeback of a dirty range and
+    drops nothing still dirty), so the disk works while the next piece is copied and the final
+    fsync waits for the tail only."""
     views = [v for v in map(memoryview, bufs) if v.nbytes]
+    piece = limits.log_writeback_piece_bytes
+    if at is None or not _FADVISE or sum(v.nbytes for v in views) < 2 * piece:
+        _writev_all(fd, views)
+        return
+    for part in _pieces(views, piece):
+        _writev_all(fd, part)
+        n = sum(v.nbytes for v in part)
+        os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
+        at += n
+
+
+_FADVISE = hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")
+
+
+def _writev_all(fd: int, views: list) -> None:
     i = 0
     while i < len(views):
         done = os.writev(fd, views[i:i + _IOV_MAX])
@@ -497,22 +534,23 @@ class LogPartition:
     def _write_group(self, frames: list) -> list:
         """Write frames to the active segment, rolling where one would overflow it; returns where
         each landed. A frame larger than a segment gets a segment of its own."""
-        placed, bufs = [], []
+        placed, bufs, at = [], [], self._size
         for first, count, header, view in frames:
             nbytes = HEADER_BYTES + view.nbytes
             if self._size and self._size + nbytes > self.segment_bytes_max:
-                self._write(bufs)
+                self._write(bufs, at)
                 bufs = []
                 self._roll(first)
+                at = 0
             placed.append((self._active, first, count, self._size, nbytes))
             bufs += (header, view)
             self._size += nbytes
-        self._write(bufs)
+        self._write(bufs, at)
         return placed
 
-    def _write(self, bufs: list) -> None:
-        if bufs:
-            _write_all(self._fd, bufs)
+    def _write(self, bufs: list, at: int) -> None:
+        if bufs:  # early writeback only where an fsync will follow
+            _write_all(self._fd, bufs, None if self.fsync_policy == "none" else at)
             self._stats["writes"] += 1
 
     def _roll(self, first_lsn: int) -> None:

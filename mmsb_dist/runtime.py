@@ -553,7 +553,7 @@ class Bus:
         ray.get(self._submit(int(shards_of(batch.page_ids, self.n)[0]), batch))
 
     def write_many(self, page_ids, offsets, payloads) -> int:
-        """One Arrow batch per shard (cut at ``limits.batch_deltas_max``), at most
+        """One Arrow batch per shard (cut at ``limits.write_batch_deltas``), at most
         ``limits.inflight_batches_max`` batches in flight per shard; returns once every delta is
         durable. Per page, deltas apply in the order given."""
         batch = DeltaBatch.runs(page_ids, offsets, payloads)
@@ -569,15 +569,21 @@ class Bus:
 
     def _parts(self, batch: DeltaBatch):
         """(shard, part) of ``batch``: the deltas of each shard in their order, cut at
-        ``limits.batch_deltas_max`` (the batch itself where it is one shard's and fits)."""
+        ``limits.write_batch_deltas`` so that a large call keeps several batches in flight (the
+        batch itself where it is one shard's and fits; slices of it where it is one shard's)."""
+        cut = limits.write_batch_deltas
         owners = shards_of(batch.page_ids, self.n)
         for s in np.unique(owners):
-            rows = np.flatnonzero(owners == s)
-            if rows.size == len(batch) <= limits.batch_deltas_max:  # no copy
-                yield int(s), batch
+            if len(owners) and owners[0] == s and (owners == s).all():  # one shard: no copy
+                if len(batch) <= cut:
+                    yield int(s), batch
+                    continue
+                for lo in range(0, len(batch), cut):
+                    yield int(s), batch.slice(lo, min(len(batch), lo + cut))
                 continue
-            for lo in range(0, rows.size, limits.batch_deltas_max):
-                yield int(s), batch.take(rows[lo:lo + limits.batch_deltas_max])
+            rows = np.flatnonzero(owners == s)
+            for lo in range(0, rows.size, cut):
+                yield int(s), batch.take(rows[lo:lo + cut])
 
     def _stamp(self, part: DeltaBatch) -> DeltaBatch:
         """``part`` under this client's next delta id (a re-sent batch then applies once)."""

@@ -105,6 +105,21 @@ def test_encode_decode_round_trip(sizes, seed, n, client, seq):
         np.testing.assert_array_equal(getattr(out, name), getattr(batch, name), err_msg=name)
 
 
+@SETTINGS
+@given(sizes=st.lists(page_sizes, min_size=1, max_size=3), seed=st.integers(0, 2**32),
+       n=st.integers(1, 30), data=st.data())
+def test_slice_equals_take_of_the_range_and_shares_the_payload(sizes, seed, n, data):
+    rng = np.random.default_rng(seed)
+    batch = random_batch(rng, {i: s for i, s in enumerate(sizes)}, n)
+    lo = data.draw(st.integers(0, n - 1))
+    hi = data.draw(st.integers(lo + 1, n))
+    got, want = batch.slice(lo, hi), batch.take(np.arange(lo, hi))
+    for name in ("page_ids", "offsets", "data_starts", "payload", "masked", "mask_starts", "masks"):
+        np.testing.assert_array_equal(getattr(got, name), getattr(want, name), err_msg=name)
+    got.check()
+    assert got.payload.size == 0 or np.shares_memory(got.payload, batch.payload)
+
+
 def test_decode_is_zero_copy_for_payload():
     batch = DeltaBatch.runs([1, 2], [0, 0], np.full((2, 1000), 7, np.uint8))
     buf = encode_deltas(batch)
