@@ -129,7 +129,7 @@ def _binary_parts(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     base = int(offs[0])
     data = (np.frombuffer(data_buf, dtype=np.uint8, count=int(offs[-1]) - base, offset=base)
             if data_buf is not None and offs[-1] > base else np.zeros(0, np.uint8))
-    return offs.astype(np.int64) - base, data
+    return np.subtract(offs, base, dtype=np.int64), data  # one new array, not two
 
 
 def decode_deltas(data) -> DeltaBatch:
