@@ -94,6 +94,11 @@ def load(name: str, quick: bool) -> dict | None:
         return json.load(fh)
 
 
+def _per_unit(x, unit):
+    """bench_replay stores rates in bytes/s under the unit "GB/s": shown in that unit."""
+    return x / 1e9 if unit == "GB/s" and isinstance(x, (int, float)) else x
+
+
 def _f(x, digits: int = 3) -> str:
     """A figure with ``digits`` significant digits, in plain notation for a table."""
     if x is None:
@@ -349,9 +354,10 @@ def suite_tables(res: dict) -> list[str]:
     if rp:
         out += ["### Restore + replay — `benchmarks/bench_replay.py`", "",
                 table(["measure", "value", "unit", "baseline", "ratio", "target", "verdict"],
-                      [[r.get("measure", ""), r.get("value"), r.get("unit", ""),
-                        r.get("baseline"), r.get("ratio"), r.get("target") or "",
-                        r.get("verdict") or ""] for r in rp["table"]]), ""]
+                      [[r.get("measure", ""), _per_unit(r.get("value"), r.get("unit")),
+                        r.get("unit", ""), _per_unit(r.get("baseline"), r.get("unit")),
+                        r.get("ratio"), r.get("target") or "", r.get("verdict") or ""]
+                       for r in rp["table"]]), ""]
     pr = res.get("propagation")
     if pr and pr.get("same_shard"):
         rows = [[f"same shard, {fn}", v.get("eager_hop_us"), v.get("barrier_hop_us"),

@@ -84,6 +84,29 @@ def scatter_runs_parallel(arena, a64, dest, src, lengths, payload, p64, parts):
 
 
 @_jit
+def scatter_spans(arena, a64, dest, starts, payload, p64):
+    """scatter_runs where run i's bytes are payload[starts[i]:starts[i + 1]] (a batch's own
+    data_starts: no lengths array to build, ~20% of a 1M-run apply here)."""
+    for i in range(dest.shape[0]):
+        _copy_range(arena, a64, dest[i], payload, p64, starts[i], starts[i + 1] - starts[i])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def scatter_spans_parallel(arena, a64, dest, starts, payload, p64, parts):
+    """scatter_spans on ``parts`` threads, arena ranges as in scatter_runs_parallel."""
+    step = ((arena.shape[0] + parts - 1) // parts + 7) & ~7
+    for k in prange(parts):
+        lo = k * step
+        hi = min(arena.shape[0], lo + step)
+        for i in range(dest.shape[0]):
+            d = dest[i]
+            a = max(d, lo)
+            b = min(d + starts[i + 1] - starts[i], hi)
+            if a < b:
+                _copy_range(arena, a64, a, payload, p64, starts[i] + (a - d), b - a)
+
+
+@_jit
 def copy_runs(dst, d64, dst_off, src, s64, src_off, lengths):
     for i in range(dst_off.shape[0]):
         _copy_range(dst, d64, dst_off[i], src, s64, src_off[i], lengths[i])

@@ -361,13 +361,15 @@ class PageArena:
         be = self.backend
         payload = be.upload(batch.payload)
         masks = be.upload(batch.masks) if batch.masks.size else None
-        lengths = batch.lengths
+        lengths = None   # built only for masked segments: runs read data_starts directly
         src = batch.data_starts[:-1]
         for a, b, masked in batch.kind_segments():
             if not masked:
-                be.scatter_runs(self._buf, dest[a:b], src[a:b], lengths[a:b], payload,
-                                self._scatter)
+                be.scatter_spans(self._buf, dest[a:b], batch.data_starts[a:b + 1], payload,
+                                 self._scatter)
                 continue
+            if lengths is None:
+                lengths = batch.lengths
             for wave in _occurrence_waves(batch.page_ids[a:b]):
                 w = wave + a
                 be.merge_masked(self._buf, dest[w], src[w], lengths[w], batch.mask_starts[w],

@@ -41,6 +41,11 @@ class Backend(ABC):
     def scatter_runs(self, arena, dest, src, lengths, payload, state=None) -> None:
         ...
 
+    def scatter_spans(self, arena, dest, starts, payload, state=None) -> None:
+        """scatter_runs of runs whose bytes are payload[starts[i]:starts[i + 1]]."""
+        starts = np.asarray(starts)
+        self.scatter_runs(arena, dest, starts[:-1], np.diff(starts), payload, state)
+
     @abstractmethod
     def merge_masked(self, arena, dest, src, lengths, mask_src, payload, masks) -> None:
         ...
@@ -117,6 +122,13 @@ class CpuBackend(Backend):
             _cpu.scatter_runs_parallel(*args, self.threads)
         else:
             _cpu.scatter_runs(*args)
+
+    def scatter_spans(self, arena, dest, starts, payload, state=None) -> None:
+        args = (arena, _words(arena), _i64(dest), _i64(starts), payload, _words(payload))
+        if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
+            _cpu.scatter_spans_parallel(*args, self.threads)
+        else:
+            _cpu.scatter_spans(*args)
 
     def merge_masked(self, arena, dest, src, lengths, mask_src, payload, masks) -> None:
         _cpu.merge_masked(arena, _i64(dest), _i64(src), _i64(lengths), _i64(mask_src), payload, masks)
