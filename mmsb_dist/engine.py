@@ -40,7 +40,7 @@ from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
                               InvalidPageError, LogFailedError, MmsbError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
-from mmsb_dist.log import LogPartition
+from mmsb_dist.log import LogPartition, checksum_async
 
 __all__ = ["ShardEngine", "Ack", "Seal"]
 
@@ -244,6 +244,7 @@ class ShardEngine:
             items, acks, seen = [], [], dict(self._state.hwm)
             for raw in batches:
                 payload = None if isinstance(raw, DeltaBatch) else raw
+                crc = self._early_checksum(payload)
                 batch = raw if payload is None else decode_deltas(payload)
                 if batch.client_id == RECOMPUTE_CLIENT_ID:
                     raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for "
@@ -257,9 +258,9 @@ class ShardEngine:
                 if batch.client_id:
                     seen[batch.client_id] = batch.seq
                 items.append((batch, payload if payload is not None else encode_deltas(batch),
-                              slots, dest))
+                              slots, dest, crc))
             epoch = self.open_epoch
-            frames = [(it[1], epoch, len(it[0])) for it in items if it]
+            frames = [(it[1], epoch, len(it[0]), it[4]) for it in items if it]
             # A large group is applied to the arena while the log writes and syncs it (the lock
             # keeps it unseen until durable); a small one waits for the log first (write-ahead).
             overlap = sum(len(f[0]) for f in frames) >= limits.log_overlap_bytes_min
@@ -273,7 +274,7 @@ class ShardEngine:
                     if it is None:
                         acks.append(Ack(-1, 0, epoch, duplicate=True))
                         continue
-                    batch, _, slots, dest = it
+                    batch, _, slots, dest, _ = it
                     first = next(firsts)
                     self.arena.apply_validated(batch, slots, dest, first + len(batch) - 1)
                     acks.append(Ack(first, len(batch), epoch))
@@ -286,6 +287,21 @@ class ShardEngine:
                                          or [np.zeros(0, np.uint64)])
                 self._touched(touched)
             return acks
+
+    @staticmethod
+    def _early_checksum(payload):
+        """A Future of a large encoded batch's log checksum, started before the batch is decoded
+        and validated (they overlap); None for small payloads and for anything that is not one
+        contiguous buffer (decoding reports what is wrong with it)."""
+        if payload is None:
+            return None
+        try:
+            view = memoryview(payload)
+        except TypeError:
+            return None
+        if view.nbytes < limits.log_overlap_bytes_min or not view.c_contiguous:
+            return None
+        return checksum_async(view)
 
     def _await_durable(self, durable) -> None:
         """Wait for an overlapped log write. If it failed, the arena holds a batch the log may

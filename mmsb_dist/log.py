@@ -48,7 +48,7 @@ from mmsb_dist.errors import (CorruptionError, LogBusyError, LogClosedError, Log
                               LogFailedError)
 
 __all__ = [
-    "LogPartition", "Frame", "SegmentInfo", "RecoveryReport", "FSYNC_POLICIES",
+    "LogPartition", "Frame", "SegmentInfo", "RecoveryReport", "FSYNC_POLICIES", "checksum_async",
     "LogError", "LogClosedError", "LogFailedError", "LogBusyError",
 ]
 
@@ -139,9 +139,26 @@ def _parse_frame(buf: memoryview, pos: int, end: int) -> tuple[int, int, int, in
     return HEADER_BYTES + plen, first, count, epoch
 
 
-def _prepare(payload, epoch, lsn_count) -> tuple[memoryview, int, int, int]:
+_crc_pool: ThreadPoolExecutor | None = None
+_crc_pool_lock = threading.Lock()
+
+
+def checksum_async(payload) -> Future:
+    """The frame checksum (CRC32C) of ``payload``, computed on a background thread (crc32c
+    releases the GIL): a caller with other work to do first, such as validating the batch it
+    is about to log, passes the Future as the 4th element of its frame."""
+    global _crc_pool
+    with _crc_pool_lock:
+        if _crc_pool is None:
+            _crc_pool = ThreadPoolExecutor(2, thread_name_prefix="mmsb-log-crc")
+    view = memoryview(payload)
+    return _crc_pool.submit(crc32c.crc32c, view if view.format == "B" else view.cast("B"))
+
+
+def _prepare(payload, epoch, lsn_count, crc=None) -> tuple[memoryview, int, int, int]:
     """Validate one frame's inputs and checksum its payload (outside the lock: it is the costly
-    part, and crc32c releases the GIL for large buffers)."""
+    part, and crc32c releases the GIL for large buffers). ``crc``: a precomputed checksum of
+    ``payload`` (an int, or a Future of one from checksum_async)."""
     view = memoryview(payload)
     if not view.c_contiguous:
         raise ValueError("a log payload must be one contiguous buffer")
@@ -156,7 +173,11 @@ def _prepare(payload, epoch, lsn_count) -> tuple[memoryview, int, int, int]:
     if not 1 <= lsn_count <= limits.frame_lsns_max:
         raise ValueError(f"lsn_count {lsn_count} is outside "
                          f"[1, frame_lsns_max={limits.frame_lsns_max}]")
-    return view, crc32c.crc32c(view), epoch, lsn_count
+    if crc is None:
+        crc = crc32c.crc32c(view)
+    elif isinstance(crc, Future):
+        crc = crc.result()
+    return view, crc, epoch, lsn_count
 
 
 def _pieces(views: list, piece: int) -> Iterator[list]:
@@ -442,8 +463,9 @@ class LogPartition:
 
     def append_many(self, frames: Iterable[tuple]) -> list[int]:
         """Log ``(payload, epoch, lsn_count)`` frames with consecutive LSNs in one group (one write,
-        one fsync); returns the first LSN of each."""
-        prepared = [_prepare(p, e, c) for p, e, c in frames]
+        one fsync); returns the first LSN of each. A frame may carry a 4th element, the payload's
+        checksum computed beforehand (an int, or a Future from checksum_async)."""
+        prepared = [_prepare(*f) for f in frames]
         if not prepared:
             return []
         ticket, firsts = self._enqueue(prepared)
@@ -456,7 +478,7 @@ class LogPartition:
         log's flusher thread writes and syncs them, so the caller can apply the batch to memory
         meanwhile; it must not acknowledge the batch, or let anyone read it, before the Future
         completes. Payloads must not change until then."""
-        prepared = [_prepare(p, e, c) for p, e, c in frames]
+        prepared = [_prepare(*f) for f in frames]
         if not prepared:
             done: Future = Future()
             done.set_result(None)

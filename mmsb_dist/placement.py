@@ -35,6 +35,8 @@ def shards_of(page_ids, shards: int) -> np.ndarray:
     if shards < 1:
         raise ValueError(f"shards={shards}: need at least one shard")
     ids = np.ascontiguousarray(page_ids, dtype=np.uint64).reshape(-1)
+    if shards == 1:  # the jump hash of any key into one bucket is 0
+        return np.zeros(ids.size, np.int64)
     out = np.empty(ids.size, np.int64)
     _jump(ids, int(shards), out)
     return out

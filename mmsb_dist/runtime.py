@@ -573,13 +573,16 @@ class Bus:
         batch itself where it is one shard's and fits; slices of it where it is one shard's)."""
         cut = limits.write_batch_deltas
         owners = shards_of(batch.page_ids, self.n)
-        for s in np.unique(owners):
-            if len(owners) and owners[0] == s and (owners == s).all():  # one shard: no copy
+        counts = np.bincount(owners, minlength=self.n)  # O(n), unlike np.unique's sort
+        for s in np.flatnonzero(counts):
+            if counts[s] == len(batch):  # one shard: the batch itself, or slices of it
                 if len(batch) <= cut:
                     yield int(s), batch
                     continue
-                for lo in range(0, len(batch), cut):
-                    yield int(s), batch.slice(lo, min(len(batch), lo + cut))
+                # a short first slice: the shard starts on it while the client encodes the rest
+                bounds = [0] + list(range(cut // 4, len(batch), cut)) + [len(batch)]
+                for lo, hi in zip(bounds, bounds[1:]):
+                    yield int(s), batch.slice(lo, hi)
                 continue
             rows = np.flatnonzero(owners == s)
             for lo in range(0, rows.size, cut):

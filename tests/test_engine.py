@@ -8,7 +8,9 @@ also after reopening the shard (recovery from checkpoint + log).
 import numpy as np
 import pytest
 
-from mmsb_dist import DeltaBatch, EpochError, InvalidDeltaError, UnknownPageError
+from mmsb_dist import (DeltaBatch, EpochError, InvalidDeltaError, SerializationError,
+                       UnknownPageError, limits)
+from mmsb_dist.formats import encode_deltas
 from mmsb_dist.engine import ShardEngine
 from oracle import random_batch
 
@@ -81,6 +83,14 @@ def test_bad_batch_is_neither_logged_nor_applied(tmp_path, backend):
             e.apply(bad)
         with pytest.raises(err):  # in a group, one bad batch refuses the whole group
             e.apply_many([DeltaBatch.runs([ids[1]], [0], [b"zz"]), bad])
+    # encoded payloads, large ones too (their checksum starts before they are decoded)
+    good = np.frombuffer(encode_deltas(DeltaBatch.runs(
+        np.repeat(ids[:1], 3000), np.zeros(3000, np.int64), np.ones((3000, 30), np.uint8))),
+        dtype=np.uint8)
+    assert good.nbytes >= limits.log_overlap_bytes_min
+    for bad in ["not a buffer", good[: good.size // 2], good.copy()[::2], np.zeros((2, 3))]:
+        with pytest.raises(SerializationError):
+            e.apply(bad)
     assert (e.log.next_lsn, e.state_hash()) == (lsn, h)
     e.close()
 
