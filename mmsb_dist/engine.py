@@ -303,6 +303,11 @@ class ShardEngine:
             return None
         return checksum_async(view)
 
+    def applied_seq(self, client_id: int) -> int:
+        """The highest delta-id sequence of ``client_id`` applied on this shard (0: none)."""
+        with self._lock:
+            return int(self._state.hwm.get(int(client_id), 0))
+
     def _await_durable(self, durable) -> None:
         """Wait for an overlapped log write. If it failed, the arena holds a batch the log may
         not: the engine fails for good (every later call raises); reopening recovers from the

@@ -18,6 +18,7 @@ __all__ = [
     "GraphCycleError",
     "DerivedPageError",
     "EpochError",
+    "OrderError",
     "LogError",
     "LogClosedError",
     "LogFailedError",
@@ -117,6 +118,12 @@ class DerivedPageError(InvalidDeltaError):
 class EpochError(MmsbError, RuntimeError):
     """The epoch protocol was driven out of order (sealing a past epoch, reading an epoch that was
     never committed or is no longer retained, a stale coordinator)."""
+
+
+class OrderError(MmsbError, RuntimeError):
+    """A batch reached its shard before an earlier batch of the same ``write_many`` call that it
+    must follow (Ray re-sends calls after an actor restart without an order guarantee). Nothing
+    was applied; the client re-sends its batches in order."""
 
 
 class LogError(MmsbError, RuntimeError):

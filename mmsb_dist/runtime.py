@@ -28,7 +28,7 @@ import ray
 from mmsb_dist import limits
 from mmsb_dist.delta import DeltaBatch
 from mmsb_dist.errors import (CorruptionError, EpochError, InvalidPageError, LogFailedError,
-                              MmsbError)
+                              MmsbError, OrderError)
 from mmsb_dist.graph import DependencyGraph, changed_pages, make_fn, run_plan
 from mmsb_dist.formats import encode_deltas
 from mmsb_dist.placement import shards_of
@@ -81,12 +81,17 @@ class ShardActor:
             self.engine.create_pages(ids=todo, size=size, dtype=dtype)
         return int(todo.size)
 
-    def apply(self, *parts) -> tuple:
-        """Apply one encoded batch, sent whole or in consecutive pieces (see Bus._submit)."""
+    def apply(self, *parts, after: tuple | None = None) -> tuple:
+        """Apply one encoded batch, sent whole or in consecutive pieces (see Bus._submit).
+        ``after``: (client id, seq) of the batch this one must follow; OrderError, applying
+        nothing, while that one is not applied here (see Bus.write_many)."""
         start = time.perf_counter()
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         with self._gate:
             self._wait_open()
+            if after is not None and self.engine.applied_seq(after[0]) < after[1]:
+                raise OrderError(f"shard {self.engine.shard}: a batch arrived before batch "
+                                 f"{after[1]} of client {after[0]}, which it must follow")
             try:
                 ack = self.engine.apply(payload)
             except LogFailedError:
@@ -487,6 +492,51 @@ class CoordinatorActor:
         return {s: f"{h:016x}" for s, h in enumerate(got)}
 
 
+class _Window:
+    """The batches of one ``write_many`` call in flight to one shard, oldest first (at most
+    ``limits.inflight_batches_max``). Each one after the first names the batch it follows, so that
+    the shard refuses it (OrderError) rather than apply it first if Ray re-sends the calls out of
+    order after a shard restart; the window then waits for every call in flight and re-sends, in
+    order, the batches that were not applied (an applied one is acknowledged as a duplicate)."""
+
+    def __init__(self, bus: "Bus", shard: int):
+        self.bus, self.shard = bus, shard
+        self.items: list[tuple] = []   # (ObjectRef of the ack, stamped batch)
+
+    def push(self, part: DeltaBatch) -> None:
+        if len(self.items) >= limits.inflight_batches_max:  # backpressure
+            self._wait_oldest()
+        after = (part.client_id, self.items[-1][1].seq) if self.items else None
+        self.items.append((self.bus._submit(self.shard, part, after), part))
+
+    def drain(self) -> None:
+        while self.items:
+            self._wait_oldest()
+
+    def _wait_oldest(self) -> None:
+        try:
+            ray.get(self.items[0][0])
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, OrderError):
+                raise
+            self._resend_in_order()
+            return
+        self.items.pop(0)
+
+    def _resend_in_order(self) -> None:
+        unapplied = []
+        for ref, part in self.items:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayTaskError as exc:
+                if not isinstance(exc.cause, OrderError):
+                    raise
+                unapplied.append(part)
+        self.items = []
+        for part in unapplied:  # one at a time: each follows a batch known to be applied
+            ray.get(self.bus._submit(self.shard, part))
+
+
 class _ShardCallFailed(Exception):
     """A shard's part of a barrier failed or timed out (the attempt aborts)."""
 
@@ -558,13 +608,11 @@ class Bus:
         durable. Per page, deltas apply in the order given."""
         batch = DeltaBatch.runs(page_ids, offsets, payloads)
         batch.check()
-        inflight: dict[int, list] = {}
+        windows: dict[int, _Window] = {}
         for s, part in self._parts(batch):
-            window = inflight.setdefault(s, [])
-            if len(window) >= limits.inflight_batches_max:  # backpressure
-                ray.get(window.pop(0))
-            window.append(self._submit(s, self._stamp(part)))
-        ray.get([ref for window in inflight.values() for ref in window])
+            windows.setdefault(s, _Window(self, s)).push(self._stamp(part))
+        for window in windows.values():
+            window.drain()
         return len(batch)
 
     def _parts(self, batch: DeltaBatch):
@@ -593,17 +641,19 @@ class Bus:
         self._seq += 1
         return dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
 
-    def _submit(self, shard: int, part: DeltaBatch):
+    def _submit(self, shard: int, part: DeltaBatch, after: tuple | None = None):
         """Send an encoded batch to ``shard``; the ObjectRef of its durable ack. A batch of up to
         ``limits.inline_chunked_bytes_max`` travels inline in the call, as bytes arguments of at
         most ``limits.inline_batch_bytes_max`` each (Ray inlines each argument under its 100 KB
         direct-call limit); a larger one as one array, through the object store."""
         encoded = encode_deltas(part)
         if encoded.size > limits.inline_chunked_bytes_max:
-            return self.shards[shard].apply.remote(np.frombuffer(encoded, dtype=np.uint8))
+            return self.shards[shard].apply.remote(np.frombuffer(encoded, dtype=np.uint8),
+                                                   after=after)
         step = limits.inline_batch_bytes_max
         return self.shards[shard].apply.remote(
-            *[encoded[i:i + step].to_pybytes() for i in range(0, encoded.size, step)])
+            *[encoded[i:i + step].to_pybytes() for i in range(0, encoded.size, step)],
+            after=after)
 
     # ---- reads --------------------------------------------------------------------------------
 

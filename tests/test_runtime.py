@@ -88,6 +88,48 @@ def test_large_write_many_is_cut_into_pipelined_batches_in_order(bus, monkeypatc
         assert all(np.array_equal(g, model[int(p)]) for p, g in zip(ids, got))
 
 
+def test_a_batch_arriving_before_the_one_it_follows_is_refused_and_resent(bus, monkeypatch):
+    """Ray may re-send the calls in flight to a restarted shard out of order. A batch of a
+    write_many names the one it follows; the shard refuses it (OrderError, nothing applied) while
+    that one is not applied, and the client re-sends what was refused, in order."""
+    from mmsb_dist.delta import DeltaBatch
+    from mmsb_dist.errors import OrderError
+
+    ids = bus.create_pages(1, 4096)
+    shard = int(runtime.shards_of(ids, bus.n)[0])
+    first = bus._stamp(DeltaBatch.runs(ids, [0], [b"first"]))
+    second = bus._stamp(DeltaBatch.runs(ids, [0], [b"second"]))
+    before = bus.stats()["shards"][shard]["next_lsn"]
+    with pytest.raises(OrderError):   # it arrived first: refused
+        ray.get(bus._submit(shard, second, after=(bus.client_id, first.seq)))
+    assert bus.stats()["shards"][shard]["next_lsn"] == before
+    ray.get(bus._submit(shard, first))
+    ray.get(bus._submit(shard, second, after=(bus.client_id, first.seq)))
+    assert bytes(bus.read(int(ids[0]))[:6]) == b"second"
+
+    # the client's side: the first constrained batch of a call is refused as if it had overtaken
+    # its predecessor; write_many re-sends it after the calls in flight and returns normally
+    monkeypatch.setattr(limits, "write_batch_deltas", 50)
+    submit, refused = bus._submit, []
+
+    def overtaking(shard, part, after=None):
+        if after is not None and not refused:
+            refused.append(part.seq)
+            after = (after[0], 1 << 62)
+        return submit(shard, part, after)
+    monkeypatch.setattr(bus, "_submit", overtaking)
+    rng = np.random.default_rng(3)
+    n = 400
+    offs = rng.integers(0, 4, n) * 64
+    data = rng.integers(1, 256, (n, 64), dtype=np.uint8)
+    assert bus.write_many(np.repeat(ids, n), offs, data) == n
+    assert refused
+    model = np.zeros(4096, np.uint8)
+    model[:6] = np.frombuffer(b"second", np.uint8)
+    _apply_local({0: model}, np.zeros(n, np.int64), offs, data)
+    assert np.array_equal(bus.read(int(ids[0])), model)
+
+
 def test_killed_shard_recovers_without_losing_acknowledged_writes(bus):
     rng = np.random.default_rng(1)
     ids = bus.create_pages(32, 4096)
