@@ -61,8 +61,13 @@ def _copy_range(dst, d64, d, src, s64, s, n):
 
 @_jit
 def scatter_runs(arena, a64, dest, src, lengths, payload, p64):
+    """Run i: payload[src[i]:src[i] + lengths[i]] to arena[dest[i]:]. With ``lengths`` empty,
+    ``src`` holds one more entry and run i is payload[src[i]:src[i + 1]] (a batch's own
+    data_starts: no lengths array to build)."""
+    spans = lengths.shape[0] == 0
     for i in range(dest.shape[0]):
-        _copy_range(arena, a64, dest[i], payload, p64, src[i], lengths[i])
+        n = src[i + 1] - src[i] if spans else lengths[i]
+        _copy_range(arena, a64, dest[i], payload, p64, src[i], n)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -71,6 +76,7 @@ def scatter_runs_parallel(arena, a64, dest, src, lengths, payload, p64, parts):
     walks every run in batch order, writing only the part inside its range: per-byte order is the
     batch order, as in the reference, with no locks. Random destinations keep the threads even.
     ``step`` is a multiple of 8, so clipping keeps 8-byte alignment."""
+    spans = lengths.shape[0] == 0
     step = ((arena.shape[0] + parts - 1) // parts + 7) & ~7
     for k in prange(parts):
         lo = k * step
@@ -78,32 +84,9 @@ def scatter_runs_parallel(arena, a64, dest, src, lengths, payload, p64, parts):
         for i in range(dest.shape[0]):
             d = dest[i]
             a = max(d, lo)
-            b = min(d + lengths[i], hi)
+            b = min(d + (src[i + 1] - src[i] if spans else lengths[i]), hi)
             if a < b:
                 _copy_range(arena, a64, a, payload, p64, src[i] + (a - d), b - a)
-
-
-@_jit
-def scatter_spans(arena, a64, dest, starts, payload, p64):
-    """scatter_runs where run i's bytes are payload[starts[i]:starts[i + 1]] (a batch's own
-    data_starts: no lengths array to build, ~20% of a 1M-run apply here)."""
-    for i in range(dest.shape[0]):
-        _copy_range(arena, a64, dest[i], payload, p64, starts[i], starts[i + 1] - starts[i])
-
-
-@njit(nogil=True, cache=True, parallel=True)
-def scatter_spans_parallel(arena, a64, dest, starts, payload, p64, parts):
-    """scatter_spans on ``parts`` threads, arena ranges as in scatter_runs_parallel."""
-    step = ((arena.shape[0] + parts - 1) // parts + 7) & ~7
-    for k in prange(parts):
-        lo = k * step
-        hi = min(arena.shape[0], lo + step)
-        for i in range(dest.shape[0]):
-            d = dest[i]
-            a = max(d, lo)
-            b = min(d + starts[i + 1] - starts[i], hi)
-            if a < b:
-                _copy_range(arena, a64, a, payload, p64, starts[i] + (a - d), b - a)
 
 
 @_jit

@@ -76,6 +76,9 @@ class Backend(ABC):
         return None
 
 
+_NO_LENGTHS = np.zeros(0, np.int64)  # _cpu.scatter_runs: take run lengths from consecutive src
+
+
 def _i64(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
@@ -124,11 +127,7 @@ class CpuBackend(Backend):
             _cpu.scatter_runs(*args)
 
     def scatter_spans(self, arena, dest, starts, payload, state=None) -> None:
-        args = (arena, _words(arena), _i64(dest), _i64(starts), payload, _words(payload))
-        if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
-            _cpu.scatter_spans_parallel(*args, self.threads)
-        else:
-            _cpu.scatter_spans(*args)
+        self.scatter_runs(arena, dest, starts, _NO_LENGTHS, payload, state)  # lengths from starts
 
     def merge_masked(self, arena, dest, src, lengths, mask_src, payload, masks) -> None:
         _cpu.merge_masked(arena, _i64(dest), _i64(src), _i64(lengths), _i64(mask_src), payload, masks)

@@ -80,6 +80,15 @@ def _shard_pid(w: World, shard: int) -> int:
     return ray.get(w.bus.shards[shard].ping.remote(), timeout=CALL_TIMEOUT_S)["pid"]
 
 
+def _kill_shard(w: World, writer: Writer, shard: int, what: str, batches_after: int) -> None:
+    """Kill a shard actor (Ray restarts it); wait for writes through the restart and a new pid."""
+    pid = _shard_pid(w, shard)
+    ray.kill(w.bus.shards[shard], no_restart=False)
+    writer.wait_progress(batches_after, f"{what}: writes through the restart")
+    wait_until(lambda: _shard_pid(w, shard) != pid, timeout_s=CALL_TIMEOUT_S,
+               what=f"{what}: shard restarted")
+
+
 def test_shard_killed_during_writes(world):
     w, rng = world, random.Random(SEED)
     writer = Writer(w.bus, w.log, seed=SEED + 1)
@@ -91,11 +100,7 @@ def test_shard_killed_during_writes(world):
         for rnd, shard in enumerate([0, 1, 1]):
             what = f"shard kill {rnd} (shard {shard}, seed {SEED})"
             writer.wait_progress(rng.randint(3, 30), what)
-            pid = _shard_pid(w, shard)
-            ray.kill(w.bus.shards[shard], no_restart=False)
-            writer.wait_progress(20, f"{what}: writes through the restart")
-            wait_until(lambda: _shard_pid(w, shard) != pid, timeout_s=CALL_TIMEOUT_S,
-                       what=f"{what}: shard restarted")
+            _kill_shard(w, writer, shard, what, 20)
             _commit_while_writing(w, what)
             _check(w, writer, what)
     finally:
@@ -145,11 +150,7 @@ def test_shard_killed_with_several_batches_of_a_call_in_flight(world, monkeypatc
         for rnd, shard in enumerate([1, 0]):
             what = f"shard kill {rnd} with calls of many batches (shard {shard}, seed {SEED})"
             writer.wait_progress(rng.randint(3, 15), what)
-            pid = _shard_pid(w, shard)
-            ray.kill(w.bus.shards[shard], no_restart=False)
-            writer.wait_progress(10, f"{what}: writes through the restart")
-            wait_until(lambda: _shard_pid(w, shard) != pid, timeout_s=CALL_TIMEOUT_S,
-                       what=f"{what}: shard restarted")
+            _kill_shard(w, writer, shard, what, 10)
             # a call is several batches per shard, and a cut may fall between them (write_many is
             # not atomic), while the book checks cuts at whole calls: commit between calls here
             writer.pause(what)
