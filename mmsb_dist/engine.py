@@ -38,7 +38,7 @@ from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
-                              InvalidPageError, LogFailedError, MmsbError)
+                              InvalidPageError, LogFailedError, MmsbError, OrderError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
 from mmsb_dist.log import LogPartition, checksum_async
 
@@ -233,12 +233,15 @@ class ShardEngine:
         """The epoch new writes belong to."""
         return self.last_sealed + 1
 
-    def apply(self, batch) -> Ack:
-        """Validate, log (durably), apply, acknowledge. ``batch``: a DeltaBatch or its encoded bytes."""
-        return self.apply_many([batch])[0]
+    def apply(self, batch, *, after: int | None = None) -> Ack:
+        """Validate, log (durably), apply, acknowledge. ``batch``: a DeltaBatch or its encoded bytes.
+        ``after``: the sequence of the same client's batch this one must follow; OrderError,
+        changing nothing, while that one is not applied (calls re-sent out of order)."""
+        return self.apply_many([batch], after=after)[0]
 
-    def apply_many(self, batches) -> list[Ack]:
-        """Several batches with one log write and one fsync, applied in order."""
+    def apply_many(self, batches, *, after: int | None = None) -> list[Ack]:
+        """Several batches with one log write and one fsync, applied in order; ``after`` as in
+        ``apply``, for the first of them."""
         with self._lock:
             self._check_open()
             items, acks, seen = [], [], dict(self._state.hwm)
@@ -249,6 +252,10 @@ class ShardEngine:
                 if batch.client_id == RECOMPUTE_CLIENT_ID:
                     raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for "
                                             "recompute results")
+                if after is not None and not items and seen.get(batch.client_id, 0) < after:
+                    raise OrderError(f"shard {self.shard}: batch {batch.seq} of client "
+                                     f"{batch.client_id} arrived before batch {after}, which it "
+                                     "must follow")
                 if batch.client_id and batch.seq <= seen.get(batch.client_id, 0):
                     items.append(None)
                     continue
@@ -302,11 +309,6 @@ class ShardEngine:
         if view.nbytes < limits.log_overlap_bytes_min or not view.c_contiguous:
             return None
         return checksum_async(view)
-
-    def applied_seq(self, client_id: int) -> int:
-        """The highest delta-id sequence of ``client_id`` applied on this shard (0: none)."""
-        with self._lock:
-            return int(self._state.hwm.get(int(client_id), 0))
 
     def _await_durable(self, durable) -> None:
         """Wait for an overlapped log write. If it failed, the arena holds a batch the log may

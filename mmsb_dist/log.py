@@ -195,6 +195,9 @@ def _pieces(views: list, piece: int) -> Iterator[list]:
         yield out
 
 
+_FADVISE = hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")
+
+
 def _write_all(fd: int, bufs: list, at: int | None = None) -> None:
     """writev every buffer in order. One writev takes at most IOV_MAX buffers and may write less
     than asked (Linux stops near 2 GiB), so loop until all is out.
@@ -214,9 +217,6 @@ def _write_all(fd: int, bufs: list, at: int | None = None) -> None:
         n = sum(v.nbytes for v in part)
         os.posix_fadvise(fd, at, n, os.POSIX_FADV_DONTNEED)
         at += n
-
-
-_FADVISE = hasattr(os, "posix_fadvise") and sys.platform.startswith("linux")
 
 
 def _writev_all(fd: int, views: list) -> None:

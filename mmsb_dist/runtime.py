@@ -81,19 +81,15 @@ class ShardActor:
             self.engine.create_pages(ids=todo, size=size, dtype=dtype)
         return int(todo.size)
 
-    def apply(self, *parts, after: tuple | None = None) -> tuple:
+    def apply(self, *parts, after: int | None = None) -> tuple:
         """Apply one encoded batch, sent whole or in consecutive pieces (see Bus._submit).
-        ``after``: (client id, seq) of the batch this one must follow; OrderError, applying
-        nothing, while that one is not applied here (see Bus.write_many)."""
+        ``after``: the client's batch this one must follow (ShardEngine.apply; Bus.write_many)."""
         start = time.perf_counter()
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
         with self._gate:
             self._wait_open()
-            if after is not None and self.engine.applied_seq(after[0]) < after[1]:
-                raise OrderError(f"shard {self.engine.shard}: a batch arrived before batch "
-                                 f"{after[1]} of client {after[0]}, which it must follow")
             try:
-                ack = self.engine.apply(payload)
+                ack = self.engine.apply(payload, after=after)
             except LogFailedError:
                 # fail-stop: the log can no longer be written (an fsync failed, the disk is gone)
                 # and the engine's memory may be ahead of it. Ray restarts the shard, which
@@ -506,7 +502,7 @@ class _Window:
     def push(self, part: DeltaBatch) -> None:
         if len(self.items) >= limits.inflight_batches_max:  # backpressure
             self._wait_oldest()
-        after = (part.client_id, self.items[-1][1].seq) if self.items else None
+        after = self.items[-1][1].seq if self.items else None
         self.items.append((self.bus._submit(self.shard, part, after), part))
 
     def drain(self) -> None:
@@ -514,27 +510,27 @@ class _Window:
             self._wait_oldest()
 
     def _wait_oldest(self) -> None:
-        try:
-            ray.get(self.items[0][0])
-        except ray.exceptions.RayTaskError as exc:
-            if not isinstance(exc.cause, OrderError):
-                raise
-            self._resend_in_order()
+        if _acked(self.items[0][0]):
+            self.items.pop(0)
             return
-        self.items.pop(0)
-
-    def _resend_in_order(self) -> None:
-        unapplied = []
-        for ref, part in self.items:
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayTaskError as exc:
-                if not isinstance(exc.cause, OrderError):
-                    raise
-                unapplied.append(part)
+        # refused for order: once every call in flight has answered, re-send the refused ones,
+        # one at a time (each follows a batch known to be applied)
+        refused = [part for ref, part in self.items if not _acked(ref)]
         self.items = []
-        for part in unapplied:  # one at a time: each follows a batch known to be applied
+        for part in refused:
             ray.get(self.bus._submit(self.shard, part))
+
+
+def _acked(ref) -> bool:
+    """Whether the shard applied (or already had) the batch of ``ref``; False if it refused it
+    with OrderError; any other failure is raised."""
+    try:
+        ray.get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        if not isinstance(exc.cause, OrderError):
+            raise
+        return False
+    return True
 
 
 class _ShardCallFailed(Exception):
@@ -641,7 +637,7 @@ class Bus:
         self._seq += 1
         return dataclasses.replace(part, client_id=self.client_id, seq=self._seq)
 
-    def _submit(self, shard: int, part: DeltaBatch, after: tuple | None = None):
+    def _submit(self, shard: int, part: DeltaBatch, after: int | None = None):
         """Send an encoded batch to ``shard``; the ObjectRef of its durable ack. A batch of up to
         ``limits.inline_chunked_bytes_max`` travels inline in the call, as bytes arguments of at
         most ``limits.inline_batch_bytes_max`` each (Ray inlines each argument under its 100 KB

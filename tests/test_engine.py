@@ -72,6 +72,21 @@ def test_duplicate_delta_ids_apply_once(tmp_path, backend):
     e.close()
 
 
+def test_a_batch_before_the_one_it_follows_is_refused(tmp_path, backend):
+    from mmsb_dist.errors import OrderError
+
+    e = _engine(tmp_path, backend)
+    pid = int(e.create_pages(1, 16)[0])
+    lsn = e.log.next_lsn
+    with pytest.raises(OrderError):
+        e.apply(DeltaBatch.runs([pid], [0], [b"\x02"], client_id=9, seq=2), after=1)
+    assert e.log.next_lsn == lsn and e.read(pid)[0] == 0
+    e.apply(DeltaBatch.runs([pid], [0], [b"\x01"], client_id=9, seq=1))
+    e.apply(DeltaBatch.runs([pid], [0], [b"\x02"], client_id=9, seq=2), after=1)
+    assert e.read(pid)[0] == 2
+    e.close()
+
+
 def test_bad_batch_is_neither_logged_nor_applied(tmp_path, backend):
     e = _engine(tmp_path, backend)
     ids = e.create_pages(2, 32)

@@ -101,10 +101,10 @@ def test_a_batch_arriving_before_the_one_it_follows_is_refused_and_resent(bus, m
     second = bus._stamp(DeltaBatch.runs(ids, [0], [b"second"]))
     before = bus.stats()["shards"][shard]["next_lsn"]
     with pytest.raises(OrderError):   # it arrived first: refused
-        ray.get(bus._submit(shard, second, after=(bus.client_id, first.seq)))
+        ray.get(bus._submit(shard, second, after=first.seq))
     assert bus.stats()["shards"][shard]["next_lsn"] == before
     ray.get(bus._submit(shard, first))
-    ray.get(bus._submit(shard, second, after=(bus.client_id, first.seq)))
+    ray.get(bus._submit(shard, second, after=first.seq))
     assert bytes(bus.read(int(ids[0]))[:6]) == b"second"
 
     # the client's side: the first constrained batch of a call is refused as if it had overtaken
@@ -115,7 +115,7 @@ def test_a_batch_arriving_before_the_one_it_follows_is_refused_and_resent(bus, m
     def overtaking(shard, part, after=None):
         if after is not None and not refused:
             refused.append(part.seq)
-            after = (after[0], 1 << 62)
+            after = 1 << 62
         return submit(shard, part, after)
     monkeypatch.setattr(bus, "_submit", overtaking)
     rng = np.random.default_rng(3)
