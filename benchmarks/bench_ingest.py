@@ -383,11 +383,13 @@ def what_ifs(bus, wl: Workload, engine: ShardEngine, sink, reps: int) -> dict:
                 *wl.args(pages, slots, data), client_id=client, seq=seq)), dtype=np.uint8)
             if len(window) >= window_max:
                 ray.get(window.pop(0))
-            window.append(bus.shards[0].apply.remote(payload))
+            # each names the batch it follows, as write_many's do: the shard's write threads
+            # may take them out of order
+            window.append(bus.shards[0].apply.remote(payload, after=seq - 1 if seq > 1 else None))
             draws.append((pages, slots, data))
         ray.get(window)
         seconds = time.perf_counter() - t0
-        for d in draws:   # one caller, one actor: applied in the order sent
+        for d in draws:   # applied in the order sent
             wl.apply(*d)
         out[f"pipelined_window_{window_max}_deltas_per_s"] = WHATIF_BATCHES * WHATIF_BATCH / seconds
     batches = []

@@ -36,13 +36,14 @@ from mmsb_dist import checkpoint as ckpt
 from mmsb_dist import limits
 from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
+from mmsb_dist.dedup import AppliedSeqs
 from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
                               InvalidPageError, LogFailedError, MmsbError, OrderError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
 from mmsb_dist.log import LogPartition, checksum_async
 
-__all__ = ["ShardEngine", "Ack", "Seal"]
+__all__ = ["ShardEngine", "Ack", "Seal", "Prepared"]
 
 _ARROW_MARK = b"\xff\xff\xff\xff"
 
@@ -70,17 +71,28 @@ class Seal:
     state_hash: int
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A batch made ready to apply without the engine's lock (ShardEngine.prepare): decoded and
+    shape-checked, with its encoded bytes (None: encode when logged) and the Future of their log
+    checksum (None: checksum when logged)."""
+
+    batch: DeltaBatch
+    payload: object = None
+    crc: object = None
+
+
 _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
 
 
 class _Replica:
     """What replaying frames builds: an arena plus the bookkeeping that travels with it."""
 
-    def __init__(self, arena: PageArena, seals: dict[int, Seal], hwm: dict[int, int], rebuild,
+    def __init__(self, arena: PageArena, seals: dict[int, Seal], applied: AppliedSeqs, rebuild,
                  derived: dict | None = None):
         self.arena = arena
         self.seals = seals
-        self.hwm = hwm  # client id -> highest batch seq applied
+        self.applied = applied  # delta ids (client, seq) applied: re-sent batches apply once
         self.rebuild = rebuild  # (epoch, seal) -> _Replica at that epoch, for restore records
         # Derived pages of this shard: child -> (parents, encoded graph.Recompute). Replay keeps
         # the table but never runs a function: recompute results are logged as deltas.
@@ -98,7 +110,7 @@ class _Replica:
                                       f"{exc}", path=where) from exc
             self.arena.apply_validated(batch, slots, dest, frame.first_lsn + frame.lsn_count - 1)
             if batch.client_id and batch.client_id != RECOMPUTE_CLIENT_ID:
-                self.hwm[batch.client_id] = max(self.hwm.get(batch.client_id, 0), batch.seq)
+                self.applied.add(batch.client_id, batch.seq)
             return None
         msg = unpack_control(bytes(payload))
         kind = msg["k"]
@@ -143,6 +155,7 @@ class ShardEngine:
         self.checkpoints = checkpoints or os.path.join(self.path, "checkpoints")
         self._fs = filesystem
         self._lock = threading.RLock()
+        self._applied = threading.Condition(self._lock)  # notified when batches are applied
         log_kw = {} if segment_bytes_max is None else {"segment_bytes_max": segment_bytes_max}
         os.makedirs(self.path, exist_ok=True)
         self.log = LogPartition(os.path.join(self.path, "log"), fsync=fsync,
@@ -178,17 +191,17 @@ class ShardEngine:
                                  "and no checkpoint covers what came before"
                                  + ("" if at_or_before is None else
                                     f" (epoch {at_or_before} is no longer retained)"))
-            return _Replica(PageArena(self.backend), {}, {}, self._replica_from), 0
+            return _Replica(PageArena(self.backend), {}, AppliedSeqs(), self._replica_from), 0
         snap, info = ckpt.read_checkpoint(info, filesystem=self._fs)
         if info.lsn < self.log.first_lsn or info.lsn > self.log.next_lsn:
             raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
                                   f"holds [{self.log.first_lsn}, {self.log.next_lsn})",
                                   path=info.path)
         seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
-        hwm = {int(c): s for c, s in info.extra.get("hwm", {}).items()}
+        applied = AppliedSeqs.from_json(info.extra.get("applied"), info.extra.get("hwm"))
         derived = {int(c): (tuple(int(p) for p in ps), base64.b64decode(fn))
                    for c, ps, fn in info.extra.get("derived", [])}
-        return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, hwm,
+        return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, applied,
                          self._replica_from, derived), info.lsn)
 
     def _recover(self) -> tuple[_Replica, int]:
@@ -241,31 +254,30 @@ class ShardEngine:
 
     def apply_many(self, batches, *, after: int | None = None) -> list[Ack]:
         """Several batches with one log write and one fsync, applied in order; ``after`` as in
-        ``apply``, for the first of them."""
+        ``apply``, for the first of them. A batch may be a DeltaBatch, its encoded bytes, or what
+        ``prepare`` made of either."""
         with self._lock:
             self._check_open()
-            items, acks, seen = [], [], dict(self._state.hwm)
+            items, acks, fresh = [], [], []   # fresh: delta ids of this group, not yet applied
+            applied = self._state.applied
             for raw in batches:
-                payload = None if isinstance(raw, DeltaBatch) else raw
-                crc = self._early_checksum(payload)
-                batch = raw if payload is None else decode_deltas(payload)
-                if batch.client_id == RECOMPUTE_CLIENT_ID:
-                    raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for "
-                                            "recompute results")
-                if after is not None and not items and seen.get(batch.client_id, 0) < after:
+                ready = raw if isinstance(raw, Prepared) else self.prepare(raw)
+                batch = ready.batch
+                if after is not None and not items and not applied.applied(batch.client_id, after):
                     raise OrderError(f"shard {self.shard}: batch {batch.seq} of client "
                                      f"{batch.client_id} arrived before batch {after}, which it "
                                      "must follow")
-                if batch.client_id and batch.seq <= seen.get(batch.client_id, 0):
+                delta_id = (batch.client_id, batch.seq)
+                if batch.client_id and (applied.applied(*delta_id) or delta_id in fresh):
                     items.append(None)
                     continue
                 slots, dest = self.arena.validate(batch)   # nothing is logged unless all are valid
                 if self._derived_ids.size:
                     self._refuse_derived(batch.page_ids)
                 if batch.client_id:
-                    seen[batch.client_id] = batch.seq
-                items.append((batch, payload if payload is not None else encode_deltas(batch),
-                              slots, dest, crc))
+                    fresh.append(delta_id)
+                items.append((batch, ready.payload if ready.payload is not None
+                              else encode_deltas(batch), slots, dest, ready.crc))
             epoch = self.open_epoch
             frames = [(it[1], epoch, len(it[0]), it[4]) for it in items if it]
             # A large group is applied to the arena while the log writes and syncs it (the lock
@@ -288,12 +300,35 @@ class ShardEngine:
             finally:
                 if durable is not None:
                     self._await_durable(durable)
-            self._state.hwm = seen
+            for delta_id in fresh:
+                applied.add(*delta_id)
+            self._applied.notify_all()
             if self._watched_ids.size:
                 touched = np.concatenate([it[0].page_ids for it in items if it]
                                          or [np.zeros(0, np.uint64)])
                 self._touched(touched)
             return acks
+
+    @staticmethod
+    def prepare(batch) -> Prepared:
+        """The part of applying a batch that needs no lock and changes nothing: decode and
+        shape-check encoded bytes (typed errors as in ``apply``) and start a large batch's log
+        checksum. A shard prepares one batch while the one before it is logged and applied."""
+        payload = None if isinstance(batch, DeltaBatch) else batch
+        crc = ShardEngine._early_checksum(payload)
+        if payload is not None:
+            batch = decode_deltas(payload)
+        if batch.client_id == RECOMPUTE_CLIENT_ID:
+            raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for recompute "
+                                    "results")
+        return Prepared(batch, payload, crc)
+
+    def wait_applied(self, client_id: int, seq: int, timeout: float) -> bool:
+        """Wait up to ``timeout`` s until batch ``seq`` of ``client_id`` is applied (a batch that
+        must follow it arrived first); whether it is."""
+        with self._applied:
+            return self._applied.wait_for(lambda: self._state.applied.applied(client_id, seq),
+                                          timeout)
 
     @staticmethod
     def _early_checksum(payload):
@@ -351,7 +386,7 @@ class ShardEngine:
     def restore(self, epoch: int) -> None:
         """Roll the live state back to sealed ``epoch`` (explicitly; nothing else ever does). A
         restore record is logged first, so recovery and replay roll back at the same point; the
-        log and the seals after ``epoch`` stay, as history. Delta-id high-water marks stay too:
+        log and the seals after ``epoch`` stay, as history. The record of applied delta ids stays too:
         a batch retried from before the restore is not applied again."""
         with self._lock:
             self._check_open()
@@ -389,23 +424,23 @@ class ShardEngine:
             epoch = self.last_sealed if epoch is None else int(epoch)
             seal = self._seal(epoch)
             if epoch == self.last_sealed and self.log.next_lsn == self._seal_lsn + 1:
-                snap, hwm = self.arena.snapshot(self._reusable_buffer()), dict(self._state.hwm)
+                snap, applied = self.arena.snapshot(self._reusable_buffer()), self._state.applied.copy()
                 derived = dict(self._state.derived)
             else:
-                snap, hwm, derived = None, None, None
+                snap, applied, derived = None, None, None
         if snap is None:  # outside the lock: replay reads the log and older checkpoints only
-            snap, hwm, derived = self._replayed_snapshot(epoch)
+            snap, applied, derived = self._replayed_snapshot(epoch)
         seals = [[s.epoch, s.cut, s.state_hash] for s in self._state.seals.values()
                  if s.epoch <= epoch]
         future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
                                      state_hash=seal.state_hash,
-                                     extra=self._checkpoint_extra(seals, hwm, derived))
+                                     extra=self._checkpoint_extra(seals, applied, derived))
         self._last_snapshot = (future, snap)
         return future.result() if wait else future
 
     @staticmethod
-    def _checkpoint_extra(seals, hwm, derived) -> dict:
-        return {"seals": seals, "hwm": {str(k): v for k, v in hwm.items()},
+    def _checkpoint_extra(seals, applied: AppliedSeqs, derived) -> dict:
+        return {"seals": seals, "applied": applied.to_json(),
                 "derived": [[c, list(ps), base64.b64encode(fn).decode()]
                             for c, (ps, fn) in sorted(derived.items())]}
 
@@ -418,7 +453,7 @@ class ShardEngine:
 
     def _replayed_snapshot(self, epoch: int):
         _, replica = self._replica_at(epoch)
-        return replica.arena.snapshot(), replica.hwm, replica.derived
+        return replica.arena.snapshot(), replica.applied, replica.derived
 
     def _replica_at(self, epoch: int) -> tuple[Seal, _Replica]:
         """The newest checkpoint at or before ``epoch`` plus the log up to the epoch's cut."""

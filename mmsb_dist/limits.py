@@ -135,6 +135,19 @@ page_ids_reserve_block = 1 << 20
 # 2-core machine.
 shard_start_timeout_s = 600.0
 
+# A shard remembers, per client, which of the last this-many batch seqs it applied (mmsb_dist/dedup.py:
+# 8 KiB per client); a batch further behind the client's newest is taken as a duplicate. A client
+# has at most inflight_batches_max batches in flight per shard from one write_many, and the gateway
+# as many as its concurrent requests: both far below this.
+dedup_window_seqs = 1 << 16
+
+# Threads a shard actor runs writes on (Ray's "writes" concurrency group): while one holds the
+# engine, the others decode and check the batches behind it (ShardEngine.prepare). Batches of one
+# client that a thread takes ahead of the one they follow wait this long for it before they are
+# refused (OrderError, and the client re-sends them in order).
+shard_write_threads = 4
+shard_order_wait_s = 2.0
+
 # A restarted shard retries opening its log this long while the previous process still holds the
 # log's lock (it is releasing it as it dies); past this the shard fails to start.
 shard_log_busy_wait_s = 30.0

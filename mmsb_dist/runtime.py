@@ -45,7 +45,8 @@ def _shard_name(i: int) -> str:
 
 
 class ShardActor:
-    """One shard: a ShardEngine behind a Ray actor. Calls run one at a time, in arrival order."""
+    """One shard: a ShardEngine behind a Ray actor. Writes (``apply``) run on a few threads that
+    take turns at the engine; other calls run one at a time, in arrival order."""
 
     def __init__(self, shard: int, data_dir: str, backend: str, fsync: str,
                  checkpoint_uri: str | None = None):
@@ -81,15 +82,23 @@ class ShardActor:
             self.engine.create_pages(ids=todo, size=size, dtype=dtype)
         return int(todo.size)
 
+    @ray.method(concurrency_group="writes")
     def apply(self, *parts, after: int | None = None) -> tuple:
         """Apply one encoded batch, sent whole or in consecutive pieces (see Bus._submit).
-        ``after``: the client's batch this one must follow (ShardEngine.apply; Bus.write_many)."""
+        ``after``: the client's batch this one must follow (ShardEngine.apply; Bus.write_many).
+
+        Runs on one of the "writes" threads: a batch is decoded and checked while the one before
+        it is logged and applied, then waits for the gate (and, if it names one, for the batch it
+        follows: threads may take a client's batches out of order)."""
         start = time.perf_counter()
         payload = parts[0] if len(parts) == 1 else b"".join(parts)
+        ready = self.engine.prepare(payload)
+        if after is not None:
+            self.engine.wait_applied(ready.batch.client_id, after, limits.shard_order_wait_s)
         with self._gate:
             self._wait_open()
             try:
-                ack = self.engine.apply(payload, after=after)
+                ack = self.engine.apply(ready, after=after)
             except LogFailedError:
                 # fail-stop: the log can no longer be written (an fsync failed, the disk is gone)
                 # and the engine's memory may be ahead of it. Ray restarts the shard, which
@@ -97,10 +106,10 @@ class ShardActor:
                 logging.getLogger(__name__).critical("shard %d: log failed; restarting",
                                                      self.engine.shard, exc_info=True)
                 os._exit(75)
+            self.metrics.applied(0 if ack.duplicate else ack.count,  # bytes: the encoded batch
+                                 getattr(payload, "nbytes", None) or len(payload),
+                                 time.perf_counter() - start)
         self._send_outbox()
-        self.metrics.applied(0 if ack.duplicate else ack.count,  # bytes: the encoded batch
-                             getattr(payload, "nbytes", None) or len(payload),
-                             time.perf_counter() - start)
         return ack.first_lsn, ack.count, ack.epoch, ack.duplicate
 
     def read_many(self, ids, epoch=None) -> list:
@@ -143,8 +152,8 @@ class ShardActor:
         return {**self.engine.statistics(), **self.ping(), "metrics": self.metrics.totals()}
 
     # ---- the barrier and derived pages (mmsb_dist/graph.py) --------------------------------------
-    # These run on the "control" thread, so the coordinator reaches a shard whose default thread
-    # holds a write back until the barrier is over (calls of one group run in arrival order).
+    # These run on the "control" threads, so the coordinator reaches a shard whose write threads
+    # are held back until the barrier is over (calls of one group run in arrival order).
 
     def _wait_open(self) -> None:
         """Called with the gate held: wait while a barrier holds writes (at most until its
@@ -250,7 +259,8 @@ class CoordinatorActor:
         self.data_dir, self.n = data_dir, int(shards)
         self.timeout = prepare_timeout_s
         opts = _shard_options(backend, namespace, gpus_per_shard)  # the runtime's namespace
-        actor = ray.remote(concurrency_groups={"control": 2, "events": 1})(ShardActor)
+        actor = ray.remote(concurrency_groups={"control": 2, "events": 1,
+                                                "writes": limits.shard_write_threads})(ShardActor)
         self.shards = [actor.options(name=_shard_name(i), **opts).remote(
             i, data_dir, backend, fsync, checkpoint_uri) for i in range(self.n)]
         try:  # every shard placed, recovered and serving
