@@ -16,12 +16,14 @@ configurations name backend "numpy" (with "auto" every shard would ask for a GPU
 Configurations and rows:
   write, N shards     (for N in --shards) naive client: one Bus.write() per delta, one actor
                       call each (deltas/s, p50/p99 latency of one write); Bus.write_many of
-                      BATCHES deltas per call (deltas/s, MB/s of payload).
+                      BATCHES deltas per call (deltas/s, MB/s of payload); WRITERS writers at once
+                      (threads, each its own client, on disjoint pages), calls of min(BATCHES).
   commit, 4 shards    Bus.commit() p50/p99 with 4 shards, each epoch preceded by a write_many of
                       COMMIT_BATCH deltas (not timed in the commit figure).
   gpu, 1 shard        only when mmsb_dist.backend.gpu_available(): one CuPy shard (backend "cupy"),
                       write_many of GPU_BATCH deltas per call, and of GPU_STREAM_CALL per call (cut
-                      into limits.write_batch_deltas batches, several in flight); GB/s of log
+                      into limits.write_batch_deltas batches, several in flight), and WRITERS
+                      writers at once making one such call each; GB/s of log
                       written (log_frame_bytes_per_delta / 64 times the payload: what the disk
                       must carry) against the raw disk, payload beside it; host->device copy bandwidth with
                       CuPy (256 MiB, pinned and pageable), raw disk (GPU_RAW_MIB) beside it.
@@ -61,6 +63,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -105,6 +108,7 @@ GPU_BATCH = 1 << 20                 # 1 Mi deltas x 64 B = 64 MiB of payload per
 GPU_CALLS = (2, 3)                  # write_many calls per round
 GPU_STREAM_CALL = 4 * GPU_BATCH     # a larger call: limits.write_batch_deltas batches in flight
 GPU_RAW_MIB = (512, 1024)
+WRITERS = 2                         # concurrent writers (threads, one client each) of the *_writers rows
 H2D_BYTES = 256 << 20
 
 TARGET_WM_VS_REDIS = 3.0
@@ -135,11 +139,13 @@ class Workload:
         self.pool = self.rng.integers(1, 256, (pool_rows, DELTA_BYTES), dtype=np.uint8)
         self.model = np.zeros((ids.size, SLOTS, DELTA_BYTES), np.uint8)
 
-    def draw(self, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(page index, slot, payload rows) of ``n`` writes; the rows are a window of the pool."""
+    def draw(self, n: int, part: tuple[int, int] = (0, 1)) -> tuple:
+        """(page index, slot, payload rows) of ``n`` writes; the rows are a window of the pool.
+        ``part`` (k, parts): only pages whose index is k modulo parts (writers on disjoint pages)."""
         start = int(self.rng.integers(0, self.pool.shape[0] - n + 1))
-        return (self.rng.integers(0, self.ids.size, n), self.rng.integers(0, SLOTS, n),
-                self.pool[start:start + n])
+        k, parts = part
+        return (self.rng.integers(0, self.ids.size // parts, n) * parts + k,
+                self.rng.integers(0, SLOTS, n), self.pool[start:start + n])
 
     def args(self, pages, slots, data) -> tuple:
         return self.ids[pages], slots.astype(np.int64) * DELTA_BYTES, data
@@ -181,6 +187,40 @@ def phase_write_many(bus, wl: Workload, size: int, total: int) -> dict:
             "deltas_per_s": deltas / seconds, "mb_per_s": deltas * DELTA_BYTES / seconds / 1e6,
             "gb_per_s": deltas * DELTA_BYTES / seconds / 1e9,
             "call_ms_p50": 1e3 * statistics.median(times)}
+
+
+def phase_writers(buses: list, wl: Workload, size: int, calls: int) -> dict:
+    """len(buses) writers at once (threads of this process, each its own client), each making
+    ``calls`` write_many calls of ``size`` deltas on its own share of the pages (so that what the
+    model applies does not depend on how the writers interleave). Rate: all deltas / wall time."""
+    n = len(buses)
+    draws = [[wl.draw(size, (k, n)) for _ in range(calls)] for k in range(n)]
+    errors: list = []
+
+    def writer(bus, mine):
+        try:
+            for d in mine:
+                bus.write_many(*wl.args(*d))
+        except BaseException as exc:  # reported below, after every writer ended
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(b, mine)) for b, mine in zip(buses, draws)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    for mine in draws:
+        for d in mine:
+            wl.apply(*d)
+    deltas = n * calls * size
+    return {"writers": n, "batch": size, "calls": n * calls, "deltas": deltas,
+            "seconds": seconds, "deltas_per_s": deltas / seconds,
+            "mb_per_s": deltas * DELTA_BYTES / seconds / 1e6,
+            "gb_per_s": deltas * DELTA_BYTES / seconds / 1e9}
 
 
 def phase_naive(bus, wl: Workload, count: int, lat_ms: list) -> dict:
@@ -510,12 +550,15 @@ def run_config(kind: str, shards: int, backend: str, q: int, work: str, redis: b
                                                             PHASE_SECONDS_MAX[q])
         lat_ms: list = []
         epochs: list = []
+        writers = [runtime.connect(namespace=ns) for _ in range(WRITERS)]
         if kind == "write":
             per_round = -(-NAIVE_WRITES[q] // ROUNDS[q])
             phases["naive"] = lambda: phase_naive(bus, wl, per_round, lat_ms)
             for size in BATCHES:
                 phases[f"write_many_{size}"] = (
                     lambda size=size: phase_write_many(bus, wl, size, WM_DELTAS[q]))
+            phases[f"writers_{WRITERS}x{min(BATCHES)}"] = lambda: phase_writers(
+                writers, wl, min(BATCHES), WM_DELTAS[q] // min(BATCHES) // WRITERS)
         elif kind == "commit":
             per_round = -(-COMMITS[q] // ROUNDS[q])
             phases["commit"] = lambda: phase_commit(bus, wl, per_round, lat_ms, epochs)
@@ -524,6 +567,7 @@ def run_config(kind: str, shards: int, backend: str, q: int, work: str, redis: b
                                                                 GPU_CALLS[q] * GPU_BATCH)
             phases["gpu_write_many_stream"] = lambda: phase_write_many(
                 bus, wl, GPU_STREAM_CALL, GPU_STREAM_CALL)
+            phases["gpu_writers"] = lambda: phase_writers(writers, wl, GPU_STREAM_CALL, 1)
             phases["h2d"] = lambda: h2d_bandwidth(H2D_BYTES)
 
         samples: dict = {name: [] for name in phases}
@@ -639,6 +683,12 @@ def build_rows(configs: list[dict], base: dict, frame_bpd: float) -> list[dict]:
                     r["deltas_per_s"], "deltas/s", redis_rate, "deltas/s", ratio,
                     f">= {TARGET_WM_VS_REDIS}x redis",
                     None if ratio is None else ratio >= TARGET_WM_VS_REDIS)
+            r = c[f"writers_{WRITERS}x{min(BATCHES)}"]
+            ratio = r["deltas_per_s"] / redis_rate if redis_rate else None
+            row(f"write_many {min(BATCHES) // 1000}k, {WRITERS} writers at once, {n} shard(s) "
+                f"[{r['mb_per_s']:.0f} MB/s]", r["deltas_per_s"], "deltas/s", redis_rate,
+                "deltas/s", ratio, f">= {TARGET_WM_VS_REDIS}x redis",
+                None if ratio is None else ratio >= TARGET_WM_VS_REDIS)
         elif c["kind"] == "commit":
             cm = c["commit"]
             row(f"commit p50, {n} shards", cm["p50_ms"], "ms", TARGET_COMMIT_P50_MS, "ms",
@@ -650,7 +700,9 @@ def build_rows(configs: list[dict], base: dict, frame_bpd: float) -> list[dict]:
             for key, label in (("gpu_write_many", f"{GPU_BATCH >> 20} Mi-delta calls"),
                                ("gpu_write_many_stream",
                                 f"{GPU_STREAM_CALL >> 20} Mi-delta calls, "
-                                f"{limits.write_batch_deltas >> 20} Mi batches in flight")):
+                                f"{limits.write_batch_deltas >> 20} Mi batches in flight"),
+                               ("gpu_writers", f"{WRITERS} writers at once, "
+                                f"{GPU_STREAM_CALL >> 20} Mi-delta calls")):
                 g = c[key]
                 # the disk carries the log: frame bytes, not payload, are what it must keep up with
                 frame = g["gb_per_s"] * frame_bpd / DELTA_BYTES
