@@ -100,6 +100,7 @@ class PageArena:
         self._keys = np.full(128, _cpu.EMPTY_KEY, np.uint64)
         self._vals = np.zeros(128, np.int64)
         self._count = 0
+        self.table_version = 0  # moves with every create and free (a validation made before is stale)
         self._next_id = 0
         self._apply_stamp = 0
 
@@ -188,6 +189,7 @@ class PageArena:
         """Create pages that check_create accepted (what it returned), without checking again."""
         n = ids.size
         if n:
+            self.table_version += 1
             asize = _align(size)
             slots = self._take_slots(n)
             offsets = self._take_extents(n, asize)
@@ -320,6 +322,7 @@ class PageArena:
         """Free what check_free accepted (its ids and slots), without checking again."""
         if ids.size == 0:
             return
+        self.table_version += 1
         _cpu.index_delete(self._keys, self._vals, ids)
         self._count -= ids.size
         self._live[slots] = False

@@ -74,12 +74,14 @@ class Seal:
 @dataclass(frozen=True)
 class Prepared:
     """A batch made ready to apply without the engine's lock (ShardEngine.prepare): decoded and
-    shape-checked, with its encoded bytes (None: encode when logged) and the Future of their log
-    checksum (None: checksum when logged)."""
+    shape-checked, with its encoded bytes (None: encode when logged), the Future of their log
+    checksum (None: checksum when logged) and its validation against the page table as it was
+    (None: validate when applied; so does a page table that changed since)."""
 
     batch: DeltaBatch
     payload: object = None
     crc: object = None
+    checked: tuple | None = None  # (arena, its table_version, slots, dest): validated then
 
 
 _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
@@ -156,6 +158,9 @@ class ShardEngine:
         self._fs = filesystem
         self._lock = threading.RLock()
         self._applied = threading.Condition(self._lock)  # notified when batches are applied
+        # Held to change the live page table (inside self._lock) and by prepare to validate
+        # against it outside self._lock.
+        self._table_lock = threading.Lock()
         log_kw = {} if segment_bytes_max is None else {"segment_bytes_max": segment_bytes_max}
         os.makedirs(self.path, exist_ok=True)
         self.log = LogPartition(os.path.join(self.path, "log"), fsync=fsync,
@@ -271,7 +276,11 @@ class ShardEngine:
                 if batch.client_id and (applied.applied(*delta_id) or delta_id in fresh):
                     items.append(None)
                     continue
-                slots, dest = self.arena.validate(batch)   # nothing is logged unless all are valid
+                checked = ready.checked
+                if checked and checked[0] is self.arena and checked[1] == self.arena.table_version:
+                    slots, dest = checked[2:]  # validated by prepare against this same table
+                else:
+                    slots, dest = self.arena.validate(batch)  # nothing is logged unless all are valid
                 if self._derived_ids.size:
                     self._refuse_derived(batch.page_ids)
                 if batch.client_id:
@@ -309,19 +318,26 @@ class ShardEngine:
                 self._touched(touched)
             return acks
 
-    @staticmethod
-    def prepare(batch) -> Prepared:
-        """The part of applying a batch that needs no lock and changes nothing: decode and
-        shape-check encoded bytes (typed errors as in ``apply``) and start a large batch's log
-        checksum. A shard prepares one batch while the one before it is logged and applied."""
+    def prepare(self, batch) -> Prepared:
+        """The part of applying a batch that needs no engine lock and changes nothing: decode and
+        shape-check encoded bytes (typed errors as in ``apply``), start a large batch's log
+        checksum, and validate it against the page table (only creates and frees wait for that).
+        A shard prepares one batch while the one before it is logged and applied; ``apply`` uses
+        the validation if the page table has not changed since, else validates again."""
         payload = None if isinstance(batch, DeltaBatch) else batch
-        crc = ShardEngine._early_checksum(payload)
+        crc = self._early_checksum(payload)
         if payload is not None:
             batch = decode_deltas(payload)
         if batch.client_id == RECOMPUTE_CLIENT_ID:
             raise InvalidDeltaError(f"client id {RECOMPUTE_CLIENT_ID} is reserved for recompute "
                                     "results")
-        return Prepared(batch, payload, crc)
+        with self._table_lock:
+            arena = self.arena
+            try:
+                checked = (arena, arena.table_version, *arena.validate(batch))
+            except MmsbError:
+                checked = None  # apply validates again, under its lock, and raises the error
+        return Prepared(batch, payload, crc, checked)
 
     def wait_applied(self, client_id: int, seq: int, timeout: float) -> bool:
         """Wait up to ``timeout`` s until batch ``seq`` of ``client_id`` is applied (a batch that
@@ -364,7 +380,8 @@ class ShardEngine:
             if ids.size:
                 self._log_control("create", ids=ids.astype("<u8").tobytes(), size=size,
                                   dtype=DTYPES[code])
-                self.arena.create_validated(ids, code, size)
+                with self._table_lock:
+                    self.arena.create_validated(ids, code, size)
             return ids
 
     def free_pages(self, page_ids) -> None:
@@ -378,7 +395,8 @@ class ShardEngine:
                                        page=page)
             if ids.size:
                 self._log_control("free", ids=ids.astype("<u8").tobytes())
-                self.arena.free_validated(ids, slots)
+                with self._table_lock:
+                    self.arena.free_validated(ids, slots)
 
     def _log_control(self, kind: str, **fields) -> int:
         return self.log.append(pack_control(kind, **fields), epoch=self.open_epoch, lsn_count=1)

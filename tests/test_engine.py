@@ -149,6 +149,26 @@ def test_a_clients_batches_in_any_order_apply_once_each_across_checkpoint_and_re
     e.close()
 
 
+def test_a_batch_prepared_before_the_page_table_changed_is_validated_again(tmp_path, backend):
+    """prepare validates outside the engine's lock; a free or a create (growth moves pages)
+    between prepare and apply makes apply validate again against the table as it is."""
+    e = _engine(tmp_path, backend)
+    ids = e.create_pages(2, 16)
+    gone = e.prepare(DeltaBatch.runs([ids[0]], [0], [b"x"]))
+    assert gone.checked is not None
+    e.free_pages([ids[0]])
+    with pytest.raises(UnknownPageError):
+        e.apply(gone)
+    moved = e.prepare(DeltaBatch.runs([ids[1]], [3], [b"y"]))
+    before = e.arena.table_version
+    e.create_pages(4096, 4096)     # the arena grows and packs its pages
+    assert e.arena.table_version != before
+    e.apply(moved)
+    assert bytes(e.read(int(ids[1]))[:4]) == b"\0\0\0y"
+    e.validate_state()
+    e.close()
+
+
 def test_bad_batch_is_neither_logged_nor_applied(tmp_path, backend):
     e = _engine(tmp_path, backend)
     ids = e.create_pages(2, 32)
