@@ -115,7 +115,7 @@ class CheckpointInfo:
     files: tuple[CheckpointFile, ...]
     filesystem: pafs.FileSystem | None = field(default=None, compare=False, repr=False)
     # What the owner of the checkpoint keeps beside the pages (JSON values), e.g. a shard engine's
-    # sealed epochs and delta-id high-water marks. Covered by the manifest checksum.
+    # sealed epochs and the delta ids it applied. Covered by the manifest checksum.
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
