@@ -76,12 +76,29 @@ def _binary(starts: np.ndarray, data: np.ndarray, valid: np.ndarray | None = Non
                                                   pa.py_buffer(data)], null_count=null_count)
 
 
+_IPC_EXACT_SIZE_MIN = 1 << 20
+
+
 def _ipc(batch: pa.RecordBatch, extra: dict[bytes, bytes]) -> pa.Buffer:
+    """One IPC stream (schema + the batch) in a buffer. A batch of at least _IPC_EXACT_SIZE_MIN
+    bytes is first written to a sink that only counts bytes, then into a buffer of exactly that
+    size, which never grows: a growing BufferOutputStream copied a 1 Mi-delta batch several times
+    (50 ms instead of 12 here)."""
     schema = batch.schema.with_metadata({**batch.schema.metadata, **extra})
-    sink = pa.BufferOutputStream()
-    with pa.ipc.new_stream(sink, schema) as writer:
-        writer.write_batch(batch)
-    return sink.getvalue()
+
+    def write(sink) -> None:
+        with pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch)
+
+    if batch.nbytes < _IPC_EXACT_SIZE_MIN:   # small: one pass into a growing buffer is cheaper
+        sink = pa.BufferOutputStream()
+        write(sink)
+        return sink.getvalue()
+    counter = pa.MockOutputStream()
+    write(counter)
+    buf = pa.allocate_buffer(counter.size())
+    write(pa.FixedSizeBufferWriter(buf))
+    return buf
 
 
 def encode_deltas(batch: DeltaBatch) -> pa.Buffer:
