@@ -8,9 +8,34 @@ import os
 import platform
 import shutil
 import subprocess
+import threading
 import time
 
 import numpy as np
+
+
+def run_at_once(target, per_thread: list) -> float:
+    """``target(*args)`` on one thread per ``args`` in ``per_thread``, all started together; the
+    wall time until the last ends. The first exception any of them raised is raised after all
+    have ended."""
+    errors: list = []
+
+    def run(args):
+        try:
+            target(*args)
+        except BaseException as exc:  # raised below, once every thread is done
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(args,)) for args in per_thread]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return seconds
 
 
 def evict(path: str) -> None:

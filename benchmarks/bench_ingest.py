@@ -63,7 +63,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -72,7 +71,7 @@ import ray
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/ (bench_log, _common)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_log                                             # noqa: E402
-from _common import write_json                               # noqa: E402
+from _common import run_at_once, write_json                  # noqa: E402
 from mmsb_dist import limits, runtime                        # noqa: E402
 from mmsb_dist.backend import gpu_available                  # noqa: E402
 from mmsb_dist.delta import DeltaBatch                       # noqa: E402
@@ -195,24 +194,12 @@ def phase_writers(buses: list, wl: Workload, size: int, calls: int) -> dict:
     model applies does not depend on how the writers interleave). Rate: all deltas / wall time."""
     n = len(buses)
     draws = [[wl.draw(size, (k, n)) for _ in range(calls)] for k in range(n)]
-    errors: list = []
 
     def writer(bus, mine):
-        try:
-            for d in mine:
-                bus.write_many(*wl.args(*d))
-        except BaseException as exc:  # reported below, after every writer ended
-            errors.append(exc)
+        for d in mine:
+            bus.write_many(*wl.args(*d))
 
-    threads = [threading.Thread(target=writer, args=(b, mine)) for b, mine in zip(buses, draws)]
-    t0 = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
+    seconds = run_at_once(writer, list(zip(buses, draws)))
     for mine in draws:
         for d in mine:
             wl.apply(*d)

@@ -22,7 +22,6 @@ import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 
 import numpy as np
@@ -31,7 +30,7 @@ import ray
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import bench_log                                              # noqa: E402
-from _common import write_json                                # noqa: E402
+from _common import run_at_once, write_json                   # noqa: E402
 from mmsb_dist import runtime                                 # noqa: E402
 
 PAGES, PAGE_BYTES, DELTA = 65_536, 4096, 64
@@ -127,13 +126,7 @@ def main() -> int:
                 b.write_many(*a)
                 spans.append((t0, time.time()))
 
-        threads = [threading.Thread(target=writer, args=(b, m)) for b, m in zip(buses, todo)]
-        t0 = time.time()
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        wall = time.time() - t0
+        wall = run_at_once(writer, list(zip(buses, todo)))
         trace = _take_trace(bus.shards[0])
         log_bytes = bus.stats()["shards"][0]["log"]["bytes"] - before
         runtime.stop(namespace=ns)
