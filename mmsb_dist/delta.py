@@ -238,6 +238,8 @@ class DeltaBatch:
         m = self.masked
         if m.size == 0:
             return []
+        if not m.any() or m.all():   # one encoding throughout: the usual batch
+            return [(0, int(m.size), bool(m[0]))]
         cuts = np.flatnonzero(m[1:] != m[:-1]) + 1
         bounds = np.concatenate([[0], cuts, [m.size]])
         return [(int(a), int(b), bool(m[a])) for a, b in zip(bounds[:-1], bounds[1:])]

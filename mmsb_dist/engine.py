@@ -106,7 +106,7 @@ class _Replica:
         if bytes(payload[:4]) == _ARROW_MARK:
             batch = decode_deltas(payload)
             try:
-                slots, dest = self.arena.validate(batch)
+                slots, dest = self.arena.validate(batch, shaped=True)
             except MmsbError as exc:  # it applied once: the log or its replay order is damaged
                 raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
                                       f"{exc}", path=where) from exc
@@ -334,7 +334,8 @@ class ShardEngine:
         with self._table_lock:
             arena = self.arena
             try:
-                checked = (arena, arena.table_version, *arena.validate(batch))
+                checked = (arena, arena.table_version,
+                           *arena.validate(batch, shaped=payload is not None))  # decoded: shaped
             except MmsbError:
                 checked = None  # apply validates again, under its lock, and raises the error
         return Prepared(batch, payload, crc, checked)

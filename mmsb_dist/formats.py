@@ -149,6 +149,15 @@ def _binary_parts(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     return np.subtract(offs, base, dtype=np.int64), data  # one new array, not two
 
 
+def _validity(col: pa.Array) -> np.ndarray:
+    """Which rows of ``col`` are not null, as bools (runs are the null rows of the mask column)."""
+    n, nulls = len(col), col.null_count
+    if nulls == 0 or nulls == n:   # all masked, or (the usual batch) all runs: no bits to read
+        return np.full(n, nulls == 0)
+    bits = np.frombuffer(col.buffers()[0], dtype=np.uint8)
+    return np.unpackbits(bits, count=col.offset + n, bitorder="little")[col.offset:].astype(bool)
+
+
 def decode_deltas(data) -> DeltaBatch:
     """Decode and structurally validate; SerializationError or InvalidDeltaError on bad input."""
     rb, meta = _read_one(data, "delta", DELTA_SCHEMA)
@@ -159,8 +168,7 @@ def decode_deltas(data) -> DeltaBatch:
     starts, payload = _binary_parts(rb.column(2))
     mask_col = rb.column(3)
     mstarts, masks = _binary_parts(mask_col)
-    masked = (mask_col.is_valid().to_numpy(zero_copy_only=False) if mask_col.null_count
-              else np.ones(len(rb), bool))
+    masked = _validity(mask_col)
     batch = DeltaBatch(rb.column(0).to_numpy(), rb.column(1).to_numpy().astype(np.int64),
                        starts, payload, masked, mstarts, masks, client, seq)
     batch.check()
