@@ -502,6 +502,51 @@ def profile_commit(bus, wl: Workload, work: str, reps: int) -> dict:
 
 # ---- one configuration ---------------------------------------------------------------------------
 
+def _phases(kind: str, bus, wl: Workload, q: int, work: str, redis: bool, ns: str,
+            lat_ms: list, epochs: list) -> dict:
+    """name -> the timed phase of one round: the baselines and this configuration's phases
+    (latencies go to ``lat_ms``, committed epochs to ``epochs``)."""
+    phases: dict = {"raw_disk": lambda: bench_log.bench_raw(
+        work, (GPU_RAW_MIB if kind == "gpu" else RAW_MIB)[q], False, PHASE_SECONDS_MAX[q])}
+    if redis:
+        phases["redis"] = lambda: bench_log.bench_redis(work, REDIS_OPS[q], PHASE_SECONDS_MAX[q])
+    if kind == "write":
+        per_round = -(-NAIVE_WRITES[q] // ROUNDS[q])
+        phases["naive"] = lambda: phase_naive(bus, wl, per_round, lat_ms)
+        for size in BATCHES:
+            phases[f"write_many_{size}"] = (
+                lambda size=size: phase_write_many(bus, wl, size, WM_DELTAS[q]))
+        writers = [runtime.connect(namespace=ns) for _ in range(WRITERS)]
+        phases[f"writers_{WRITERS}x{min(BATCHES)}"] = lambda: phase_writers(
+            writers, wl, min(BATCHES), WM_DELTAS[q] // min(BATCHES) // WRITERS)
+    elif kind == "commit":
+        per_round = -(-COMMITS[q] // ROUNDS[q])
+        phases["commit"] = lambda: phase_commit(bus, wl, per_round, lat_ms, epochs)
+    elif kind == "gpu":
+        writers = [runtime.connect(namespace=ns) for _ in range(WRITERS)]
+        phases["gpu_write_many"] = lambda: phase_write_many(bus, wl, GPU_BATCH,
+                                                            GPU_CALLS[q] * GPU_BATCH)
+        phases["gpu_write_many_stream"] = lambda: phase_write_many(
+            bus, wl, GPU_STREAM_CALL, GPU_STREAM_CALL)
+        phases["gpu_writers"] = lambda: phase_writers(writers, wl, GPU_STREAM_CALL, 1)
+        phases["h2d"] = lambda: h2d_bandwidth(H2D_BYTES)
+    return phases
+
+
+def _rounds(tag: str, phases: dict, rounds: int) -> dict:
+    """name -> samples of ``rounds`` interleaved rounds (the order rotates each round; os.sync()
+    before every phase), each round printed."""
+    samples: dict = {name: [] for name in phases}
+    order = list(phases.items())
+    for rnd in range(rounds):
+        for name, phase in order[rnd % len(order):] + order[:rnd % len(order)]:
+            os.sync()
+            samples[name].append(phase())
+        print(f"  {tag} round {rnd + 1}/{rounds}: " + ", ".join(
+            f"{name} {_brief(name, s[-1])}" for name, s in samples.items()), flush=True)
+    return samples
+
+
 def run_config(kind: str, shards: int, backend: str, q: int, work: str, redis: bool,
                baselines: dict) -> dict:
     """Start a fresh runtime, run ROUNDS interleaved rounds of this configuration's phases and
@@ -530,42 +575,10 @@ def run_config(kind: str, shards: int, backend: str, q: int, work: str, redis: b
             phase_write_many(bus, wl, size, 2 * size)
         phase_naive(bus, wl, 5, [])
 
-        phases: dict = {"raw_disk": lambda: bench_log.bench_raw(
-            work, (GPU_RAW_MIB if kind == "gpu" else RAW_MIB)[q], False, PHASE_SECONDS_MAX[q])}
-        if redis:
-            phases["redis"] = lambda: bench_log.bench_redis(work, REDIS_OPS[q],
-                                                            PHASE_SECONDS_MAX[q])
         lat_ms: list = []
         epochs: list = []
-        writers = [runtime.connect(namespace=ns) for _ in range(WRITERS)]
-        if kind == "write":
-            per_round = -(-NAIVE_WRITES[q] // ROUNDS[q])
-            phases["naive"] = lambda: phase_naive(bus, wl, per_round, lat_ms)
-            for size in BATCHES:
-                phases[f"write_many_{size}"] = (
-                    lambda size=size: phase_write_many(bus, wl, size, WM_DELTAS[q]))
-            phases[f"writers_{WRITERS}x{min(BATCHES)}"] = lambda: phase_writers(
-                writers, wl, min(BATCHES), WM_DELTAS[q] // min(BATCHES) // WRITERS)
-        elif kind == "commit":
-            per_round = -(-COMMITS[q] // ROUNDS[q])
-            phases["commit"] = lambda: phase_commit(bus, wl, per_round, lat_ms, epochs)
-        elif kind == "gpu":
-            phases["gpu_write_many"] = lambda: phase_write_many(bus, wl, GPU_BATCH,
-                                                                GPU_CALLS[q] * GPU_BATCH)
-            phases["gpu_write_many_stream"] = lambda: phase_write_many(
-                bus, wl, GPU_STREAM_CALL, GPU_STREAM_CALL)
-            phases["gpu_writers"] = lambda: phase_writers(writers, wl, GPU_STREAM_CALL, 1)
-            phases["h2d"] = lambda: h2d_bandwidth(H2D_BYTES)
-
-        samples: dict = {name: [] for name in phases}
-        order = list(phases.items())
-        for rnd in range(ROUNDS[q]):
-            for name, phase in order[rnd % len(order):] + order[:rnd % len(order)]:
-                os.sync()
-                samples[name].append(phase())
-            print(f"  {tag} round {rnd + 1}/{ROUNDS[q]}: " + ", ".join(
-                f"{name} {_brief(name, s[-1])}" for name, s in samples.items()), flush=True)
-
+        phases = _phases(kind, bus, wl, q, work, redis, ns, lat_ms, epochs)
+        samples = _rounds(tag, phases, ROUNDS[q])
         for name in ("raw_disk", "redis"):
             baselines.setdefault(name, []).extend(samples.pop(name, []))
         for name, s in samples.items():
@@ -649,6 +662,12 @@ def build_rows(configs: list[dict], base: dict, frame_bpd: float) -> list[dict]:
                      "baseline_unit": bunit, "ratio": ratio, "target": target,
                      "verdict": None if ok is None else ("PASS" if ok else "MISS")})
 
+    def vs_redis(label, r):
+        ratio = r["deltas_per_s"] / redis_rate if redis_rate else None
+        row(f"{label} [{r['mb_per_s']:.0f} MB/s]", r["deltas_per_s"], "deltas/s", redis_rate,
+            "deltas/s", ratio, f">= {TARGET_WM_VS_REDIS}x redis",
+            None if ratio is None else ratio >= TARGET_WM_VS_REDIS)
+
     if raw:
         row("raw disk write+fsync (1 MiB writes)", raw["mb_per_s"], "MB/s")
     if redis:
@@ -664,18 +683,9 @@ def build_rows(configs: list[dict], base: dict, frame_bpd: float) -> list[dict]:
                 nv["p50_ms"] <= TARGET_WRITE_P50_MS)
             row(f"write() p99 latency, {n} shard(s)", nv["p99_ms"], "ms")
             for size in BATCHES:
-                r = c[f"write_many_{size}"]
-                ratio = r["deltas_per_s"] / redis_rate if redis_rate else None
-                row(f"write_many {size // 1000}k, {n} shard(s) [{r['mb_per_s']:.0f} MB/s]",
-                    r["deltas_per_s"], "deltas/s", redis_rate, "deltas/s", ratio,
-                    f">= {TARGET_WM_VS_REDIS}x redis",
-                    None if ratio is None else ratio >= TARGET_WM_VS_REDIS)
-            r = c[f"writers_{WRITERS}x{min(BATCHES)}"]
-            ratio = r["deltas_per_s"] / redis_rate if redis_rate else None
-            row(f"write_many {min(BATCHES) // 1000}k, {WRITERS} writers at once, {n} shard(s) "
-                f"[{r['mb_per_s']:.0f} MB/s]", r["deltas_per_s"], "deltas/s", redis_rate,
-                "deltas/s", ratio, f">= {TARGET_WM_VS_REDIS}x redis",
-                None if ratio is None else ratio >= TARGET_WM_VS_REDIS)
+                vs_redis(f"write_many {size // 1000}k, {n} shard(s)", c[f"write_many_{size}"])
+            vs_redis(f"write_many {min(BATCHES) // 1000}k, {WRITERS} writers at once, "
+                     f"{n} shard(s)", c[f"writers_{WRITERS}x{min(BATCHES)}"])
         elif c["kind"] == "commit":
             cm = c["commit"]
             row(f"commit p50, {n} shards", cm["p50_ms"], "ms", TARGET_COMMIT_P50_MS, "ms",

@@ -91,6 +91,38 @@ def _union(intervals) -> float:
     return total
 
 
+def _report(args, wall: float, trace: list, spans: list, log_bytes: int, disk: float) -> dict:
+    """Summarize and print the traced run: rates against the raw disk (``disk`` GB/s), each
+    step's count, median and share of the wall time, and the start of the timeline."""
+    deltas = args.writers * args.calls * CALL
+    by = {}
+    for label, _tid, a, b in trace:
+        by.setdefault(label, []).append((a, b))
+    busy = {k: _union(v) for k, v in by.items()}
+    res = {"backend": args.backend, "writers": args.writers, "calls": args.calls,
+           "call_deltas": CALL, "wall_s": wall, "deltas_per_s": deltas / wall,
+           "payload_gb_per_s": deltas * DELTA / wall / 1e9, "raw_disk_gb_per_s": disk,
+           "busy_fraction": {k: v / wall for k, v in busy.items()},
+           "median_ms": {k: 1e3 * statistics.median([b - a for a, b in v]) for k, v in by.items()},
+           "count": {k: len(v) for k, v in by.items()},
+           "call_ms": sorted(1e3 * (b - a) for a, b in spans)}
+    res["log_gb_per_s"] = log_bytes / wall / 1e9
+    res["log_of_disk"] = res["log_gb_per_s"] / disk
+    print(f"{args.writers} writer(s) x {args.calls} calls of {CALL >> 20} Mi deltas, backend "
+          f"{args.backend}: {wall:.3f} s, {deltas / wall / 1e6:.2f} M deltas/s, payload "
+          f"{res['payload_gb_per_s']:.2f} GB/s; raw disk {disk:.2f} GB/s; log "
+          f"{res['log_gb_per_s']:.2f} GB/s = {res['log_of_disk']:.0%} of raw disk")
+    print(f"{'step':>14} {'count':>6} {'median ms':>10} {'busy % of wall':>15}")
+    for k in sorted(by, key=lambda k: -busy[k]):
+        print(f"{k:>14} {len(by[k]):6d} {res['median_ms'][k]:10.1f} {100 * busy[k] / wall:14.0f}%")
+    # the timeline of the first call's batches, relative to the first prepare
+    t_base = min(a for _, _, a, _ in trace)
+    print("timeline (ms from the first prepare; label thread start-end):")
+    for label, tid, a, b in sorted(trace, key=lambda r: r[2])[:60]:
+        print(f"  {label:>13} {tid % 1000:4d} {1e3 * (a - t_base):8.1f} - {1e3 * (b - t_base):8.1f}")
+    return res
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--backend", default="cupy")
@@ -135,33 +167,7 @@ def main() -> int:
         ray.shutdown()
         shutil.rmtree(work, ignore_errors=True)
 
-    deltas = args.writers * args.calls * CALL
-    by = {}
-    for label, _tid, a, b in trace:
-        by.setdefault(label, []).append((a, b))
-    busy = {k: _union(v) for k, v in by.items()}
-    disk = raw["mb_per_s"] / 1e3
-    res = {"backend": args.backend, "writers": args.writers, "calls": args.calls,
-           "call_deltas": CALL, "wall_s": wall, "deltas_per_s": deltas / wall,
-           "payload_gb_per_s": deltas * DELTA / wall / 1e9, "raw_disk_gb_per_s": disk,
-           "busy_fraction": {k: v / wall for k, v in busy.items()},
-           "median_ms": {k: 1e3 * statistics.median([b - a for a, b in v]) for k, v in by.items()},
-           "count": {k: len(v) for k, v in by.items()},
-           "call_ms": sorted(1e3 * (b - a) for a, b in spans)}
-    res["log_gb_per_s"] = log_bytes / wall / 1e9
-    res["log_of_disk"] = res["log_gb_per_s"] / disk
-    print(f"{args.writers} writer(s) x {args.calls} calls of {CALL >> 20} Mi deltas, backend "
-          f"{args.backend}: {wall:.3f} s, {deltas / wall / 1e6:.2f} M deltas/s, payload "
-          f"{res['payload_gb_per_s']:.2f} GB/s; raw disk {disk:.2f} GB/s; log "
-          f"{res['log_gb_per_s']:.2f} GB/s = {res['log_of_disk']:.0%} of raw disk")
-    print(f"{'step':>14} {'count':>6} {'median ms':>10} {'busy % of wall':>15}")
-    for k in sorted(by, key=lambda k: -busy[k]):
-        print(f"{k:>14} {len(by[k]):6d} {res['median_ms'][k]:10.1f} {100 * busy[k] / wall:14.0f}%")
-    # the timeline of the first call's batches, relative to the first prepare
-    t_base = min(a for _, _, a, _ in trace)
-    print("timeline (ms from the first prepare; label thread start-end):")
-    for label, tid, a, b in sorted(trace, key=lambda r: r[2])[:60]:
-        print(f"  {label:>13} {tid % 1000:4d} {1e3 * (a - t_base):8.1f} - {1e3 * (b - t_base):8.1f}")
+    res = _report(args, wall, trace, spans, log_bytes, raw["mb_per_s"] / 1e3)
     write_json(args.out, res, wall)
     return 0
 

@@ -83,6 +83,12 @@ class Prepared:
     crc: object = None
     checked: tuple | None = None  # (arena, its table_version, slots, dest): validated then
 
+    def validation(self, arena: PageArena) -> tuple | None:
+        """(slots, dest) from prepare, if it validated against ``arena`` and that page table has
+        not changed since (no create or free); else None: validate again."""
+        c = self.checked
+        return c[2:] if c and c[0] is arena and c[1] == arena.table_version else None
+
 
 _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
 
@@ -276,11 +282,8 @@ class ShardEngine:
                 if batch.client_id and (applied.applied(*delta_id) or delta_id in fresh):
                     items.append(None)
                     continue
-                checked = ready.checked
-                if checked and checked[0] is self.arena and checked[1] == self.arena.table_version:
-                    slots, dest = checked[2:]  # validated by prepare against this same table
-                else:
-                    slots, dest = self.arena.validate(batch)  # nothing is logged unless all are valid
+                # nothing is logged unless all are valid
+                slots, dest = ready.validation(self.arena) or self.arena.validate(batch)
                 if self._derived_ids.size:
                     self._refuse_derived(batch.page_ids)
                 if batch.client_id:

@@ -122,8 +122,9 @@ class EpochError(MmsbError, RuntimeError):
 
 class OrderError(MmsbError, RuntimeError):
     """A batch reached its shard before an earlier batch of the same ``write_many`` call that it
-    must follow (Ray re-sends calls after an actor restart without an order guarantee). Nothing
-    was applied; the client re-sends its batches in order."""
+    must follow (Ray re-sends calls after an actor restart without an order guarantee), and that
+    one did not arrive within ``limits.shard_order_wait_s``. Nothing was applied; the client
+    re-sends its batches in order."""
 
 
 class LogError(MmsbError, RuntimeError):

@@ -501,9 +501,10 @@ class CoordinatorActor:
 class _Window:
     """The batches of one ``write_many`` call in flight to one shard, oldest first (at most
     ``limits.inflight_batches_max``). Each one after the first names the batch it follows, so that
-    the shard refuses it (OrderError) rather than apply it first if Ray re-sends the calls out of
-    order after a shard restart; the window then waits for every call in flight and re-sends, in
-    order, the batches that were not applied (an applied one is acknowledged as a duplicate)."""
+    the shard never applies it first: it waits for that one (its write threads, or Ray re-sending
+    calls after a restart, may take them out of order), and refuses it (OrderError) if it does not
+    come; the window then waits for every call in flight and re-sends, in order, the batches that
+    were not applied (an applied one is acknowledged as a duplicate)."""
 
     def __init__(self, bus: "Bus", shard: int):
         self.bus, self.shard = bus, shard
