@@ -8,7 +8,9 @@ per delta. ``nogil=True`` lets a shard apply one batch while another thread writ
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 # numba runs prange loops on OpenMP threads where libgomp is available. GNU OpenMP's default is to
 # spin for a while after each parallel region; a shard calls the threaded scatter every few ms, so its
@@ -42,6 +44,26 @@ if not numba.config.CACHE_DIR:  # read when each cached function below is define
     numba.config.CACHE_DIR = _cache_dir()
 
 _jit = njit(nogil=True, cache=True)
+
+_parallel_guard = None  # decided on the first parallel call: see run_parallel
+_parallel_guard_init = threading.Lock()
+
+
+def run_parallel(kernel, *args):
+    """Call a ``parallel=True`` kernel. numba's workqueue threading layer (the one left where
+    neither OpenMP nor TBB is installed, e.g. a Mac without libomp) aborts the whole process when
+    two threads run parallel kernels at once, and a shard does (validation of one batch beside the
+    scatter of another). Under that layer the calls take turns; under omp and tbb they run freely."""
+    global _parallel_guard
+    if _parallel_guard is None:
+        with _parallel_guard_init:
+            if _parallel_guard is None:
+                from numba.np.ufunc.parallel import _launch_threads
+                _launch_threads()
+                _parallel_guard = (threading.Lock() if numba.threading_layer() == "workqueue"
+                                   else contextlib.nullcontext())
+    with _parallel_guard:
+        return kernel(*args)
 
 
 @_jit

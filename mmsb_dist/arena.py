@@ -347,7 +347,7 @@ class PageArena:
                 self._offsets, self._sizes, slots, dest)
         threads = min(numba.get_num_threads(), limits.cpu_translate_threads_max)
         if n >= limits.cpu_parallel_runs_min and threads > 1:
-            code, i = _cpu.translate_parallel(*args, threads)
+            code, i = _cpu.run_parallel(_cpu.translate_parallel, *args, threads)
         else:
             code, i = _cpu.translate(*args)
         if code != _cpu.OK:

@@ -122,7 +122,7 @@ class CpuBackend(Backend):
         args = (arena, _words(arena), _i64(dest), _i64(src), _i64(lengths), payload,
                 _words(payload))
         if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
-            _cpu.scatter_runs_parallel(*args, self.threads)
+            _cpu.run_parallel(_cpu.scatter_runs_parallel, *args, self.threads)
         else:
             _cpu.scatter_runs(*args)
 

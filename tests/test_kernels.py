@@ -166,3 +166,52 @@ def test_scatter_uniform_runs_with_collisions(backend, rng, run_bytes, align):
         ref.scatter_runs(arena, dest, src, lengths, payload)
         backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
         np.testing.assert_array_equal(backend.to_host(dev), arena)
+
+
+_CONCURRENT_APPLIES = """
+import sys, threading
+import numpy as np
+import numba
+from mmsb_dist.arena import PageArena
+from mmsb_dist.delta import DeltaBatch
+
+arena = PageArena("numpy")
+ids = arena.create_pages(512, 4096)
+rng = np.random.default_rng(1)
+n = 20_000  # over limits.cpu_parallel_runs_min: validation and scatter both take the threaded kernels
+batches = [DeltaBatch.runs(rng.choice(ids, n), rng.integers(0, 64, n) * 64,
+                           rng.integers(1, 256, (n, 64), dtype=np.uint8)) for _ in range(4)]
+errors = []
+
+def run(batch):
+    try:
+        for _ in range(20):
+            arena.apply(batch)
+    except BaseException as exc:
+        errors.append(exc)
+
+threads = [threading.Thread(target=run, args=(b,)) for b in batches]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not errors, errors
+print("layer", numba.threading_layer())
+"""
+
+
+def test_threaded_kernels_from_several_threads_under_the_workqueue_layer(tmp_path):
+    """numba's workqueue layer aborts the process on concurrent parallel calls; the shard makes
+    them (one batch validated while another is scattered), so they must take turns there."""
+    import os
+    import subprocess
+    import sys
+
+    import mmsb_dist
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mmsb_dist.__file__)))
+    env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2",
+               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-c", _CONCURRENT_APPLIES], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "layer workqueue" in proc.stdout
