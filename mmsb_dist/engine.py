@@ -279,14 +279,15 @@ class ShardEngine:
                                      f"{batch.client_id} arrived before batch {after}, which it "
                                      "must follow")
                 delta_id = (batch.client_id, batch.seq)
-                if batch.client_id and (applied.applied(*delta_id) or delta_id in fresh):
+                identified = batch.client_id and batch.seq > 0   # seq 0: no delta id
+                if identified and (applied.applied(*delta_id) or delta_id in fresh):
                     items.append(None)
                     continue
                 # nothing is logged unless all are valid
                 slots, dest = ready.validation(self.arena) or self.arena.validate(batch)
                 if self._derived_ids.size:
                     self._refuse_derived(batch.page_ids)
-                if batch.client_id:
+                if identified:
                     fresh.append(delta_id)
                 items.append((batch, ready.payload if ready.payload is not None
                               else encode_deltas(batch), slots, dest, ready.crc))

@@ -59,6 +59,17 @@ def test_replay_and_time_travel_reproduce_every_sealed_epoch(tmp_path, backend, 
     e.close()
 
 
+def test_batches_with_seq_zero_carry_no_delta_id_and_always_apply(tmp_path, backend):
+    e = _engine(tmp_path, backend)
+    pid = int(e.create_pages(1, 16)[0])
+    acks = e.apply_many([DeltaBatch.runs([pid], [k], [bytes([k + 1])], client_id=9, seq=0)
+                         for k in range(3)])
+    assert not any(a.duplicate for a in acks)
+    assert e.apply(DeltaBatch.runs([pid], [3], [b"\x07"], client_id=9, seq=0)).duplicate is False
+    assert e.read(pid)[:4].tolist() == [1, 2, 3, 7]
+    e.close()
+
+
 def test_duplicate_delta_ids_apply_once(tmp_path, backend):
     e = _engine(tmp_path, backend)
     pid = int(e.create_pages(1, 16)[0])
