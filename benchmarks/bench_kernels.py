@@ -72,7 +72,7 @@ def bench_cpu(quick: bool) -> dict:
         t_apply, t_fancy = [], []
         for _ in range(3 if quick else 5):
             t_apply.append(_timed(lambda: arena.apply(batch)))
-            t_fancy.append(_timed(lambda: flat.__setitem__(idx, values)))
+            t_fancy.append(_timed(lambda idx=idx, values=values: flat.__setitem__(idx, values)))
         ta, tf = statistics.median(t_apply[1:] or t_apply), statistics.median(t_fancy[1:] or t_fancy)
         _check_same_bytes(batch, page_ids, flat, pages, page_bytes)
         out[label] = {"deltas": n, "apply_s": ta, "apply_deltas_per_s": n / ta, "fancy_s": tf,

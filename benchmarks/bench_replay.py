@@ -62,7 +62,6 @@ import pyarrow as pa                                         # noqa: E402
 
 from _common import evict, machine_info, raw_read, write_json  # noqa: E402
 from mmsb_dist import _cpu                                   # noqa: E402
-from mmsb_dist.backend import _words as backend_words        # noqa: E402
 from mmsb_dist import checkpoint as ck                       # noqa: E402
 from mmsb_dist.arena import PageArena                        # noqa: E402
 from mmsb_dist.delta import DeltaBatch                       # noqa: E402
@@ -401,14 +400,12 @@ def _profile_once(bench: Bench) -> dict:
         # Scatter kernels alone on the same batches: the engine's, and two what-ifs. Re-applying
         # the suffix in order leaves the same bytes, so they run on the replayed arena (checked
         # again below). Decode and validate are not timed in these passes.
-        buf = arena.buffer
-        words = backend_words(buf)
+        buf, threads = arena.buffer, arena.backend.threads
         kernels = {
-            "apply.scatter_kernel_only": lambda b, d, src, ln: _cpu.scatter_runs(
-                buf, words, d, src, ln, b.payload, backend_words(b.payload)),
-            "scatter_runs_parallel_per_batch": lambda b, d, src, ln: _cpu.scatter_runs_parallel(
-                buf, words, d, src, ln, b.payload, backend_words(b.payload),
-                arena.backend.threads),
+            "apply.scatter_kernel_only": lambda b, d, src, ln, buf=buf: _cpu.scatter_runs(
+                buf, d, src, ln, b.payload),
+            "scatter_runs_parallel_per_batch": lambda b, d, src, ln, buf=buf:
+                _cpu.scatter_runs_parallel(buf, d, src, ln, b.payload, threads),
         }
         for name, kernel in kernels.items():
             out = p if name in p else w
@@ -419,7 +416,7 @@ def _profile_once(bench: Bench) -> dict:
                 t0 = _now()
                 kernel(batch, dest, src, lengths)
                 out[name] += _now() - t0
-        del buf, words
+        del buf, kernels
         arena._dirty[:] = True   # the re-runs bypassed the page table: rehash every page
         assert arena.state_hash() == live_hash
     finally:

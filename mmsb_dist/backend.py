@@ -83,17 +83,6 @@ def _i64(a) -> np.ndarray:
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-_NO_WORDS = np.zeros(0, np.uint64)
-
-
-def _words(buf: np.ndarray) -> np.ndarray:
-    """``buf`` viewed as uint64 when its address and size allow (kernels then copy 8 bytes at a
-    time where offsets are aligned); an empty array otherwise."""
-    if buf.size % 8 == 0 and buf.ctypes.data % 8 == 0 and buf.flags.c_contiguous:
-        return buf.view(np.uint64)
-    return _NO_WORDS
-
-
 class CpuBackend(Backend):
     """Host memory, numba kernels. Runs the whole system where there is no GPU."""
 
@@ -119,8 +108,7 @@ class CpuBackend(Backend):
         return np.asarray(arr)
 
     def scatter_runs(self, arena, dest, src, lengths, payload, state=None) -> None:
-        args = (arena, _words(arena), _i64(dest), _i64(src), _i64(lengths), payload,
-                _words(payload))
+        args = (arena, _i64(dest), _i64(src), _i64(lengths), np.ascontiguousarray(payload))
         if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
             _cpu.run_parallel(_cpu.scatter_runs_parallel, *args, self.threads)
         else:
@@ -133,8 +121,7 @@ class CpuBackend(Backend):
         _cpu.merge_masked(arena, _i64(dest), _i64(src), _i64(lengths), _i64(mask_src), payload, masks)
 
     def copy_runs(self, dst, dst_off, src, src_off, lengths) -> None:
-        _cpu.copy_runs(dst, _words(dst), _i64(dst_off), src, _words(src), _i64(src_off),
-                       _i64(lengths))
+        _cpu.copy_runs(dst, _i64(dst_off), np.ascontiguousarray(src), _i64(src_off), _i64(lengths))
 
     def zero_runs(self, arena, dest, lengths) -> None:
         _cpu.zero_runs(arena, _i64(dest), _i64(lengths))
