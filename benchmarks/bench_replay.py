@@ -452,8 +452,7 @@ def profile(bench: Bench, reps: int) -> dict:
     tiny, ro = np.zeros(64, np.uint8), np.zeros(64, np.uint8)
     ro.flags.writeable = False
     one = np.zeros(1, np.int64)
-    _cpu.scatter_runs_parallel(tiny, tiny.view(np.uint64), one, one, one + 8, ro,
-                               ro.view(np.uint64), 2)
+    _cpu.scatter_runs_parallel(tiny, one, one, one + 8, ro, 2)
     runs = [_profile_once(bench) for _ in range(reps)]
     med = lambda key: {k: statistics.median(r[key][k] for r in runs) for k in runs[0][key]}
     p = med("seconds")

@@ -45,9 +45,11 @@ scatter_piece_bytes_max = 4096
 control_message_bytes_max = 1 << 20
 
 # The CPU backend splits a run scatter (and the validation pass) over threads, one arena range each,
-# from this many runs up; below it, starting the threads (~20 us) costs more than it saves. At 8 Ki
-# a 10k-delta batch (a typical logged frame) goes threaded: replay ran 2.5 -> 4.0 M deltas/s here.
-cpu_parallel_runs_min = 1 << 13
+# from this many runs up; below it, waking the threads costs more than it saves. Measured on this
+# 2-core VM with the prefetching kernels (arena.apply of random 64-byte runs, ns per delta, threaded
+# vs not): 10k 59 vs 40, 30k 46 vs 43, 64k 37 vs 50, 1M 29 vs 39. (With the first sessions' slower
+# kernels the crossover was below 8 Ki.)
+cpu_parallel_runs_min = 1 << 15
 
 # Threads of the page-table translation in batch validation (arena.validate), on any backend: the
 # lookups are cache misses that threads overlap; past ~16 the memory system, not the threads, limits.

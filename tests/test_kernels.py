@@ -178,7 +178,7 @@ from mmsb_dist.delta import DeltaBatch
 arena = PageArena("numpy")
 ids = arena.create_pages(512, 4096)
 rng = np.random.default_rng(1)
-n = 20_000  # over limits.cpu_parallel_runs_min: validation and scatter both take the threaded kernels
+n = 40_000  # over limits.cpu_parallel_runs_min: validation and scatter both take the threaded kernels
 batches = [DeltaBatch.runs(rng.choice(ids, n), rng.integers(0, 64, n) * 64,
                            rng.integers(1, 256, (n, 64), dtype=np.uint8)) for _ in range(4)]
 errors = []
