@@ -125,16 +125,35 @@ def _prefetch_for_write(typingctx, array, index):
         return None
 
     def codegen(context, builder, sig, args):
-        fn = builder.module.declare_intrinsic(
-            "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
-        ptr = _byte_pointer(context, builder, sig.args[0], *args)
-        # (address, 1 = write, 3 = keep in all cache levels, 1 = data cache)
-        builder.call(fn, [ptr, ir.Constant(_I32, 1), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+        _emit_prefetch(builder, _byte_pointer(context, builder, sig.args[0], *args), 1)
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+def _emit_prefetch(builder, ptr, write: int) -> None:
+    fn = builder.module.declare_intrinsic(
+        "llvm.prefetch", fnty=ir.FunctionType(ir.VoidType(), [_I8P, _I32, _I32, _I32]))
+    # (address, 0 = read / 1 = write, 3 = keep in all cache levels, 1 = data cache)
+    builder.call(fn, [ptr, ir.Constant(_I32, write), ir.Constant(_I32, 3), ir.Constant(_I32, 1)])
+
+
+@intrinsic
+def _prefetch_element(typingctx, array, index):
+    """A hint that element ``index`` of a contiguous 1-D array is about to be read. A prefetch
+    never faults, so an index that turns out not to be needed is harmless."""
+    if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
+            and isinstance(index, types.Integer)):
+        return None
+
+    def codegen(context, builder, sig, args):
+        data = context.make_array(sig.args[0])(context, builder, args[0]).data
+        _emit_prefetch(builder, builder.bitcast(builder.gep(data, [args[1]]), _I8P), 0)
         return context.get_dummy_value()
     return types.void(array, index), codegen
 
 
 PREFETCH_RUNS = 16  # how many runs ahead a scatter prefetches its destination
+PREFETCH_LOOKUPS = 16  # how many deltas ahead validation prefetches their page-table entries
 
 
 @njit(nogil=True, cache=True, inline="always")
@@ -425,6 +444,18 @@ def _translate_range(page_ids, offsets, data_starts, keys, vals, page_offsets, p
                      dest, lo, hi):
     mask = np.uint64(keys.shape[0] - 1)
     for i in range(lo, hi):
+        # The page table is out of cache when a batch follows a scatter: fetch the entries of
+        # delta i + PREFETCH_LOOKUPS (its home probe position), and the page record of delta
+        # i + PREFETCH_LOOKUPS / 2 (from its home position's slot, right in all but collisions).
+        if i + PREFETCH_LOOKUPS < hi:
+            ahead = _fmix64(page_ids[i + PREFETCH_LOOKUPS]) & mask
+            _prefetch_element(keys, ahead)
+            _prefetch_element(vals, ahead)
+        if i + PREFETCH_LOOKUPS // 2 < hi:
+            near = vals[_fmix64(page_ids[i + PREFETCH_LOOKUPS // 2]) & mask]
+            if 0 <= near < page_sizes.shape[0]:
+                _prefetch_element(page_sizes, near)
+                _prefetch_element(page_offsets, near)
         k = page_ids[i]
         h = _fmix64(k) & mask
         while keys[h] != k:
