@@ -69,9 +69,9 @@ def run_parallel(kernel, *args):
 
 
 # ---- raw memory access (LLVM intrinsics) ---------------------------------------------------------
-# Indexing a uint64 view costs numba's negative-index and alias handling on every word, and only
-# works where both sides are 8-aligned: the run copies below measured ~100 ns per 64-byte run that
-# way. Unaligned 8-byte loads and stores (x86-64 and AArch64 do them in hardware) move any run 8
+# The first kernels copied runs by indexing a uint64 view, which works only where both sides are
+# 8-aligned (bytes otherwise): ~100 ns per random 64-byte run on this VM, aligned or not, for
+# reasons in numba's code generation that we did not pin down. Unaligned 8-byte loads and stores (x86-64 and AArch64 do them in hardware) move any run 8
 # bytes at a time, ~20 ns per run, and a write prefetch a few runs ahead lets the random
 # destinations' cache misses overlap instead of queueing one after another. No bounds checks:
 # callers pass validated offsets, as for every kernel here.
