@@ -71,63 +71,29 @@ def run_parallel(kernel, *args):
 # ---- raw memory access (LLVM intrinsics) ---------------------------------------------------------
 # The first kernels copied runs by indexing a uint64 view, which works only where both sides are
 # 8-aligned (bytes otherwise): ~100 ns per random 64-byte run on this VM, aligned or not, for
-# reasons in numba's code generation that we did not pin down. Unaligned 8-byte loads and stores (x86-64 and AArch64 do them in hardware) move any run 8
-# bytes at a time, ~20 ns per run, and a write prefetch a few runs ahead lets the random
-# destinations' cache misses overlap instead of queueing one after another. No bounds checks:
-# callers pass validated offsets, as for every kernel here.
+# reasons in numba's code generation that we did not pin down. Unaligned 8-byte loads and stores
+# (x86-64 and AArch64 do them in hardware) move any run 8 bytes at a time, ~20 ns per run, and a
+# write prefetch a few runs ahead lets the random destinations' cache misses overlap instead of
+# queueing one after another. No bounds checks: callers pass validated offsets, as for every
+# kernel here.
 
 _I8P = ir.IntType(8).as_pointer()
 _I64P = ir.IntType(64).as_pointer()
 _I32 = ir.IntType(32)
 
 
-def _flat_bytes(array, index) -> bool:
-    """Typing guard: the intrinsics address bytes from the data pointer, so they take only
-    contiguous 1-D uint8 arrays (numba then refuses anything else instead of misreading it)."""
+def _flat(array, index, dtype=None) -> bool:
+    """Typing guard: the intrinsics address elements from the data pointer, so they take only
+    contiguous 1-D arrays (of ``dtype`` where given); numba refuses anything else instead of
+    misreading it."""
     return (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
-            and array.dtype == types.uint8 and isinstance(index, types.Integer))
+            and (dtype is None or array.dtype == dtype) and isinstance(index, types.Integer))
 
 
-def _byte_pointer(context, builder, array_type, array, index):
+def _element_pointer(context, builder, array_type, array, index):
+    """``&array[index]`` as an i8*: for a uint8 array, the address of byte ``index``."""
     data = context.make_array(array_type)(context, builder, array).data
-    return builder.gep(builder.bitcast(data, _I8P), [index])
-
-
-@intrinsic
-def _load8(typingctx, array, index):
-    """The 8 bytes at byte ``index`` of a uint8 array, as one uint64 (any alignment)."""
-    if not _flat_bytes(array, index):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = builder.bitcast(_byte_pointer(context, builder, sig.args[0], *args), _I64P)
-        return builder.load(ptr, align=1)
-    return types.uint64(array, index), codegen
-
-
-@intrinsic
-def _store8(typingctx, array, index, value):
-    """Store a uint64 as the 8 bytes at byte ``index`` of a uint8 array (any alignment)."""
-    if not _flat_bytes(array, index):
-        return None
-
-    def codegen(context, builder, sig, args):
-        ptr = builder.bitcast(_byte_pointer(context, builder, sig.args[0], args[0], args[1]), _I64P)
-        builder.store(args[2], ptr, align=1)
-        return context.get_dummy_value()
-    return types.void(array, index, types.uint64), codegen
-
-
-@intrinsic
-def _prefetch_for_write(typingctx, array, index):
-    """A hint that the cache line holding byte ``index`` of the array is about to be written."""
-    if not _flat_bytes(array, index):
-        return None
-
-    def codegen(context, builder, sig, args):
-        _emit_prefetch(builder, _byte_pointer(context, builder, sig.args[0], *args), 1)
-        return context.get_dummy_value()
-    return types.void(array, index), codegen
+    return builder.bitcast(builder.gep(data, [index]), _I8P)
 
 
 def _emit_prefetch(builder, ptr, write: int) -> None:
@@ -138,16 +104,51 @@ def _emit_prefetch(builder, ptr, write: int) -> None:
 
 
 @intrinsic
-def _prefetch_element(typingctx, array, index):
-    """A hint that element ``index`` of a contiguous 1-D array is about to be read. A prefetch
-    never faults, so an index that turns out not to be needed is harmless."""
-    if not (isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C"
-            and isinstance(index, types.Integer)):
+def _load8(typingctx, array, index):
+    """The 8 bytes at byte ``index`` of a uint8 array, as one uint64 (any alignment)."""
+    if not _flat(array, index, types.uint8):
         return None
 
     def codegen(context, builder, sig, args):
-        data = context.make_array(sig.args[0])(context, builder, args[0]).data
-        _emit_prefetch(builder, builder.bitcast(builder.gep(data, [args[1]]), _I8P), 0)
+        ptr = builder.bitcast(_element_pointer(context, builder, sig.args[0], *args), _I64P)
+        return builder.load(ptr, align=1)
+    return types.uint64(array, index), codegen
+
+
+@intrinsic
+def _store8(typingctx, array, index, value):
+    """Store a uint64 as the 8 bytes at byte ``index`` of a uint8 array (any alignment)."""
+    if not _flat(array, index, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        builder.store(args[2], builder.bitcast(ptr, _I64P), align=1)
+        return context.get_dummy_value()
+    return types.void(array, index, types.uint64), codegen
+
+
+@intrinsic
+def _prefetch_for_write(typingctx, array, index):
+    """A hint that the cache line holding byte ``index`` of a uint8 array is about to be written."""
+    if not _flat(array, index, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _emit_prefetch(builder, _element_pointer(context, builder, sig.args[0], *args), 1)
+        return context.get_dummy_value()
+    return types.void(array, index), codegen
+
+
+@intrinsic
+def _prefetch_element(typingctx, array, index):
+    """A hint that element ``index`` of an array is about to be read. A prefetch never faults, so
+    an index that turns out not to be needed is harmless."""
+    if not _flat(array, index):
+        return None
+
+    def codegen(context, builder, sig, args):
+        _emit_prefetch(builder, _element_pointer(context, builder, sig.args[0], *args), 0)
         return context.get_dummy_value()
     return types.void(array, index), codegen
 
@@ -443,21 +444,29 @@ def translate_parallel(page_ids, offsets, data_starts, keys, vals, page_offsets,
 def _translate_range(page_ids, offsets, data_starts, keys, vals, page_offsets, page_sizes, slots,
                      dest, lo, hi):
     mask = np.uint64(keys.shape[0] - 1)
+    # The page table is out of cache when a batch follows a scatter: fetch the table entries of
+    # delta i + PREFETCH_LOOKUPS at its home probe position, and the page record of delta
+    # i + PREFETCH_LOOKUPS / 2 from its home position's slot (right in all but collisions). Each
+    # delta's home is hashed once, into a ring that holds those of deltas i .. i + PREFETCH_LOOKUPS.
+    wrap = PREFETCH_LOOKUPS - 1  # a power of two
+    half = PREFETCH_LOOKUPS // 2
+    homes = np.empty(PREFETCH_LOOKUPS, np.uint64)
+    for j in range(lo, min(hi, lo + PREFETCH_LOOKUPS)):
+        homes[(j - lo) & wrap] = _fmix64(page_ids[j]) & mask
     for i in range(lo, hi):
-        # The page table is out of cache when a batch follows a scatter: fetch the entries of
-        # delta i + PREFETCH_LOOKUPS (its home probe position), and the page record of delta
-        # i + PREFETCH_LOOKUPS / 2 (from its home position's slot, right in all but collisions).
+        r = (i - lo) & wrap
+        h = homes[r]
         if i + PREFETCH_LOOKUPS < hi:
-            ahead = _fmix64(page_ids[i + PREFETCH_LOOKUPS]) & mask
-            _prefetch_element(keys, ahead)
-            _prefetch_element(vals, ahead)
-        if i + PREFETCH_LOOKUPS // 2 < hi:
-            near = vals[_fmix64(page_ids[i + PREFETCH_LOOKUPS // 2]) & mask]
+            far = _fmix64(page_ids[i + PREFETCH_LOOKUPS]) & mask
+            homes[r] = far
+            _prefetch_element(keys, far)
+            _prefetch_element(vals, far)
+        if i + half < hi:
+            near = vals[homes[(r + half) & wrap]]
             if 0 <= near < page_sizes.shape[0]:
                 _prefetch_element(page_sizes, near)
                 _prefetch_element(page_offsets, near)
         k = page_ids[i]
-        h = _fmix64(k) & mask
         while keys[h] != k:
             if keys[h] == EMPTY_KEY:
                 return 4, i  # UNKNOWN_PAGE

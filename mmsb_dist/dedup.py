@@ -5,16 +5,23 @@ A client numbers its batches 1, 2, 3, ... across every shard. A shard cannot ass
 one client's batches in that order: a client may have several in flight (the gateway answers
 concurrent requests through one client; a shard runs writes on several threads), and Ray re-sends
 the calls in flight to a restarted shard in no particular order. So a shard keeps, per client, the
-highest seq it applied and a bitmap of which of the ``window`` seqs below it it applied. A batch
-more than ``window`` seqs below the highest one is taken as applied (a duplicate): the client
-would have had to send ``window`` batches after it while it was still unanswered.
+highest seq it applied and a bitmap of which seqs below it it applied, back to the oldest one still
+missing and at most ``window`` seqs. A batch more than ``window`` seqs below the highest one is
+taken as applied (a duplicate): the client would have had to send ``window`` batches after it
+while it was still unanswered.
 """
 
 from __future__ import annotations
 
 from mmsb_dist import limits
 
-__all__ = ["AppliedSeqs"]
+__all__ = ["AppliedSeqs", "is_delta_id"]
+
+
+def is_delta_id(client: int, seq: int) -> bool:
+    """Whether (client, seq) identifies a batch: client 0 or seq 0 (and below) is no delta id, and
+    such a batch is never taken for a duplicate."""
+    return client != 0 and seq >= 1
 
 
 class AppliedSeqs:
@@ -31,13 +38,13 @@ class AppliedSeqs:
 
     def applied(self, client: int, seq: int) -> bool:
         top, bits, span = self._by_client.get(client, (0, 0, 0))
-        if seq < 1 or seq > top:
+        if not is_delta_id(client, seq) or seq > top:
             return False
         k = top - seq
         return k >= span or bool(bits >> k & 1)
 
     def add(self, client: int, seq: int) -> None:
-        if seq < 1:
+        if not is_delta_id(client, seq):
             return
         top, bits, span = self._by_client.get(client, (0, 0, 0))
         if seq > top:

@@ -36,7 +36,7 @@ from mmsb_dist import checkpoint as ckpt
 from mmsb_dist import limits
 from mmsb_dist.arena import DTYPES, PageArena
 from mmsb_dist.backend import Backend, get_backend
-from mmsb_dist.dedup import AppliedSeqs
+from mmsb_dist.dedup import AppliedSeqs, is_delta_id
 from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
                               InvalidPageError, LogFailedError, MmsbError, OrderError)
@@ -117,7 +117,7 @@ class _Replica:
                 raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
                                       f"{exc}", path=where) from exc
             self.arena.apply_validated(batch, slots, dest, frame.first_lsn + frame.lsn_count - 1)
-            if batch.client_id and batch.client_id != RECOMPUTE_CLIENT_ID:
+            if batch.client_id != RECOMPUTE_CLIENT_ID:
                 self.applied.add(batch.client_id, batch.seq)
             return None
         msg = unpack_control(bytes(payload))
@@ -279,7 +279,7 @@ class ShardEngine:
                                      f"{batch.client_id} arrived before batch {after}, which it "
                                      "must follow")
                 delta_id = (batch.client_id, batch.seq)
-                identified = batch.client_id and batch.seq > 0   # seq 0: no delta id
+                identified = is_delta_id(*delta_id)
                 if identified and (applied.applied(*delta_id) or delta_id in fresh):
                     items.append(None)
                     continue

@@ -138,7 +138,8 @@ page_ids_reserve_block = 1 << 20
 shard_start_timeout_s = 600.0
 
 # A shard remembers, per client, which of the last this-many batch seqs it applied (mmsb_dist/dedup.py:
-# 8 KiB per client); a batch further behind the client's newest is taken as a duplicate. A client
+# back to the oldest seq still missing, so at most 8 KiB per client); a batch further behind the
+# client's newest is taken as a duplicate. A client
 # has at most inflight_batches_max batches in flight per shard from one write_many, and the gateway
 # as many as its concurrent requests: both far below this.
 dedup_window_seqs = 1 << 16

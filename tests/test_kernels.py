@@ -207,10 +207,9 @@ def test_threaded_kernels_from_several_threads_under_the_workqueue_layer(tmp_pat
     import subprocess
     import sys
 
-    import mmsb_dist
-    root = os.path.dirname(os.path.dirname(os.path.abspath(mmsb_dist.__file__)))
+    from _clikit import ROOT
     env = dict(os.environ, NUMBA_THREADING_LAYER="workqueue", NUMBA_NUM_THREADS="2",
-               PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", _CONCURRENT_APPLIES], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
