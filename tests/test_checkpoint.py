@@ -152,7 +152,8 @@ def test_write_is_idempotent_and_refuses_another_state(tmp_path, rng):
     arena = random_arena(rng, n_pages=6, max_bytes=4096)
     first = write(arena, tmp_path, epoch=5)
     assert write(arena, tmp_path, epoch=5) == first  # a retried write returns the published one
-    arena.write(int(arena.page_ids()[0]), 0, b"\x01\x02")
+    pid = int(arena.page_ids()[0])   # pages can be 1 byte long: change one byte
+    arena.write(pid, 0, np.array([arena.read(pid).view(np.uint8)[0] ^ 0xFF], np.uint8))
     with pytest.raises(EpochError):
         write(arena, tmp_path, epoch=5)
 
