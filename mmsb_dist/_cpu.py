@@ -215,6 +215,16 @@ def copy_runs(dst, dst_off, src, src_off, lengths):
 
 
 @_jit
+def stamp_pages(versions, dirty, slots, version):
+    """versions[slots] = version and dirty[slots] = True (the page records an applied batch
+    touched), in one pass and without the GIL; ``slots`` come from translate."""
+    for i in range(slots.shape[0]):
+        s = slots[i]
+        versions[s] = version
+        dirty[s] = True
+
+
+@_jit
 def zero_runs(arena, dest, lengths):
     for i in range(dest.shape[0]):
         d = dest[i]

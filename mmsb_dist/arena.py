@@ -382,8 +382,7 @@ class PageArena:
         if version is None:
             self._apply_stamp += 1
             version = self._apply_stamp
-        self._versions[slots] = version
-        self._dirty[slots] = True
+        _cpu.stamp_pages(self._versions, self._dirty, slots, np.uint64(version))
 
     def write(self, page_id: int, offset: int, data, version: int | None = None) -> None:
         """One run. ``data`` as an array must be uint8 or the page's dtype."""

@@ -28,7 +28,9 @@ from __future__ import annotations
 import base64
 import os
 import threading
+from collections import deque
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 
@@ -41,7 +43,7 @@ from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
 from mmsb_dist.errors import (CorruptionError, DerivedPageError, EpochError, InvalidDeltaError,
                               InvalidPageError, LogFailedError, MmsbError, OrderError)
 from mmsb_dist.formats import decode_deltas, encode_deltas, pack_control, unpack_control
-from mmsb_dist.log import LogPartition, checksum_async
+from mmsb_dist.log import Frame, LogPartition, checksum_async
 
 __all__ = ["ShardEngine", "Ack", "Seal", "Prepared"]
 
@@ -93,6 +95,120 @@ class Prepared:
 _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
 
 
+def _decode_frame(frame: Frame):
+    """A logged frame's payload decoded: a DeltaBatch, or a control record's dict."""
+    payload = frame.payload
+    if bytes(payload[:4]) == _ARROW_MARK:
+        return decode_deltas(payload)
+    return unpack_control(bytes(payload))
+
+
+class _Stopped(Exception):
+    """Raised inside a _ReadAhead's producer once its consumer has stopped."""
+
+
+class _ReadAhead:
+    """Log frames with their payloads decoded (``(frame, _decode_frame(frame))``), produced on a
+    helper thread, consumed in order by the caller.
+
+    The helper runs ``produce(put)``, which passes frames to ``put`` in LSN order (a loop over
+    LogPartition.read, or a LogPartition opening with ``recover_into``); ``put`` decodes each and
+    queues it, up to limits.replay_read_ahead_bytes of payload ahead of the caller. So reading and
+    checking the log and decoding (on the helper) overlap applying (on the caller): checksums and
+    kernels release the GIL. An error producing frame k is raised when the caller reaches frame k,
+    as it would be without the helper; what ``produce`` returns is ``value`` once it is done.
+
+    Use it as a context manager. Leaving it stops the helper: a ``put`` after that raises
+    _Stopped inside ``produce``. ``skip_rest()`` instead lets ``produce`` run to its end without
+    queueing anything more."""
+
+    _END = object()
+
+    def __init__(self, produce):
+        self.value = None
+        self._cond = threading.Condition()
+        self._ready: deque = deque()  # (frame, decoded), then (_END, exception or None)
+        self._held = 0                # payload bytes in _ready
+        self._stopped = self._skipping = False
+        self._thread = threading.Thread(target=self._produce, args=(produce,), daemon=True,
+                                        name="mmsb-replay-read-ahead")
+        self._thread.start()
+
+    def _produce(self, produce) -> None:
+        end = None
+        try:
+            self.value = produce(self._put)
+        except _Stopped:
+            pass
+        except BaseException as exc:  # handed to the caller, in its place in the order
+            end = exc
+        with self._cond:
+            self._ready.append((self._END, end))
+            self._cond.notify_all()
+
+    def _put(self, frame: Frame) -> None:
+        if self._stopped:
+            raise _Stopped
+        if self._skipping:
+            return
+        item = (frame, _decode_frame(frame))
+        size = len(frame.payload)
+        with self._cond:
+            while (self._held and self._held + size > limits.replay_read_ahead_bytes
+                   and not (self._stopped or self._skipping)):
+                self._cond.wait()
+            if self._stopped:
+                raise _Stopped
+            if not self._skipping:
+                self._ready.append(item)
+                self._held += size
+                self._cond.notify_all()
+
+    def __enter__(self) -> "_ReadAhead":
+        return self
+
+    def __iter__(self) -> Iterator[tuple[Frame, object]]:
+        while True:
+            with self._cond:
+                while not self._ready:
+                    self._cond.wait()
+                frame, decoded = self._ready.popleft()
+                if frame is not self._END:
+                    self._held -= len(frame.payload)
+                    self._cond.notify_all()
+            if frame is self._END:
+                if decoded is not None:
+                    raise decoded
+                return
+            yield frame, decoded
+
+    def skip_rest(self) -> None:
+        """Queue nothing more, let ``produce`` finish, and wait for it (its error is raised)."""
+        with self._cond:
+            self._skipping = True
+            self._ready = deque(item for item in self._ready if item[0] is self._END)
+            self._held = 0
+            self._cond.notify_all()
+        for _ in self:
+            pass
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._stopped = True
+            self._ready.clear()
+            self._cond.notify_all()
+        self._thread.join()
+
+
+def _put_all(frames: Iterator[Frame], put) -> None:
+    """A _ReadAhead producer: every frame of a LogPartition.read."""
+    try:
+        for frame in frames:
+            put(frame)
+    finally:
+        frames.close()
+
+
 class _Replica:
     """What replaying frames builds: an arena plus the bookkeeping that travels with it."""
 
@@ -106,11 +222,11 @@ class _Replica:
         # the table but never runs a function: recompute results are logged as deltas.
         self.derived: dict[int, tuple[tuple[int, ...], bytes]] = derived or {}
 
-    def apply_frame(self, frame, where: str) -> Seal | None:
-        """Apply one logged frame; returns the Seal when the frame is a seal record."""
-        payload = frame.payload
-        if bytes(payload[:4]) == _ARROW_MARK:
-            batch = decode_deltas(payload)
+    def apply_frame(self, frame, decoded, where: str) -> Seal | None:
+        """Apply one logged frame, ``decoded`` by _decode_frame; returns the Seal when the frame is
+        a seal record."""
+        if isinstance(decoded, DeltaBatch):
+            batch = decoded
             try:
                 slots, dest = self.arena.validate(batch, shaped=True)
             except MmsbError as exc:  # it applied once: the log or its replay order is damaged
@@ -120,7 +236,7 @@ class _Replica:
             if batch.client_id != RECOMPUTE_CLIENT_ID:
                 self.applied.add(batch.client_id, batch.seq)
             return None
-        msg = unpack_control(bytes(payload))
+        msg = decoded
         kind = msg["k"]
         if kind == "create":
             self.arena.create_pages(size=msg["size"], dtype=msg["dtype"],
@@ -169,13 +285,9 @@ class ShardEngine:
         self._table_lock = threading.Lock()
         log_kw = {} if segment_bytes_max is None else {"segment_bytes_max": segment_bytes_max}
         os.makedirs(self.path, exist_ok=True)
-        self.log = LogPartition(os.path.join(self.path, "log"), fsync=fsync,
-                                fsync_interval_ms=fsync_interval_ms, **log_kw)
-        try:
-            self._state, self._seal_lsn = self._recover()
-        except BaseException:
-            self.log.close()
-            raise
+        self.log, self._state, self._seal_lsn = self._open_log(
+            os.path.join(self.path, "log"), fsync=fsync, fsync_interval_ms=fsync_interval_ms,
+            **log_kw)
         self._writer = ckpt.CheckpointWriter(self.checkpoints, filesystem=filesystem,
                                              compression=compression)
         self._asof: tuple[int, PageArena] | None = None  # the last replayed epoch, for reads
@@ -194,34 +306,85 @@ class ShardEngine:
 
     def _start(self, at_or_before: int | None) -> tuple[_Replica, int]:
         """A replica at the newest checkpoint (at or before an epoch), and the LSN to replay from."""
+        replica, info = self._from_checkpoint(at_or_before)
+        self._check_meets_log(info, at_or_before, self.log.first_lsn, self.log.next_lsn)
+        return replica, (0 if info is None else info.lsn)
+
+    def _from_checkpoint(self, at_or_before: int | None):
+        """(replica, CheckpointInfo) of the newest checkpoint at or before an epoch; (empty
+        replica, None) when there is none."""
         info = ckpt.latest_checkpoint(self.checkpoints, self.shard, at_or_before,
                                       filesystem=self._fs)
         if info is None:
-            if self.log.first_lsn > 0:
-                raise EpochError(f"shard {self.shard}: the log starts at LSN {self.log.first_lsn} "
-                                 "and no checkpoint covers what came before"
-                                 + ("" if at_or_before is None else
-                                    f" (epoch {at_or_before} is no longer retained)"))
-            return _Replica(PageArena(self.backend), {}, AppliedSeqs(), self._replica_from), 0
+            return _Replica(PageArena(self.backend), {}, AppliedSeqs(), self._replica_from), None
         snap, info = ckpt.read_checkpoint(info, filesystem=self._fs)
-        if info.lsn < self.log.first_lsn or info.lsn > self.log.next_lsn:
-            raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
-                                  f"holds [{self.log.first_lsn}, {self.log.next_lsn})",
-                                  path=info.path)
         seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
         applied = AppliedSeqs.from_json(info.extra.get("applied"), info.extra.get("hwm"))
         derived = {int(c): (tuple(int(p) for p in ps), base64.b64decode(fn))
                    for c, ps, fn in info.extra.get("derived", [])}
         return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, applied,
-                         self._replica_from, derived), info.lsn)
+                         self._replica_from, derived), info)
 
-    def _recover(self) -> tuple[_Replica, int]:
-        replica, lsn = self._start(None)
-        seal_lsn = -1
-        for frame in self.log.read(lsn):
-            if replica.apply_frame(frame, self.log.path) is not None:
-                seal_lsn = frame.first_lsn
-        return replica, seal_lsn
+    def _check_meets_log(self, info, at_or_before: int | None, first_lsn: int,
+                         next_lsn: int) -> None:
+        """The log must continue from the checkpoint (or, with none, hold everything)."""
+        if info is None:
+            if first_lsn > 0:
+                raise EpochError(f"shard {self.shard}: the log starts at LSN {first_lsn} and no "
+                                 "checkpoint covers what came before"
+                                 + ("" if at_or_before is None else
+                                    f" (epoch {at_or_before} is no longer retained)"))
+        elif info.lsn < first_lsn or info.lsn > next_lsn:
+            raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
+                                  f"holds [{first_lsn}, {next_lsn})", path=info.path)
+
+    def _open_log(self, path: str, **log_kw) -> tuple[LogPartition, _Replica, int]:
+        """Open the log and recover: the newest checkpoint, then every frame after its cut,
+        applied as the log's open verifies it (one pass over the log; a helper thread reads and
+        decodes while this one applies). Returns (log, replica, LSN of the last seal record)."""
+        start: dict = {}  # what the helper thread loaded: replica, info
+
+        def produce(put):
+            def recover_into(first_lsn: int):  # the log is locked and listed: load the checkpoint
+                start["replica"], start["info"] = self._from_checkpoint(None)
+                lsn = 0 if start["info"] is None else start["info"].lsn
+                # A log that does not reach back to the checkpoint: nothing to replay (refused
+                # below, once the log is open).
+                return None if lsn < first_lsn else (lsn, put)
+            return LogPartition(path, recover_into=recover_into, **log_kw)
+
+        seal_lsn, replay_again = -1, False
+        ahead = _ReadAhead(produce)
+        try:
+            with ahead as frames:
+                for frame, decoded in frames:
+                    if isinstance(decoded, dict) and decoded["k"] == "restore":
+                        # A rollback rebuilds an earlier state from the log, which is not open
+                        # yet: let the open finish, then replay from the log.
+                        replay_again = True
+                        frames.skip_rest()
+                        break
+                    if start["replica"].apply_frame(frame, decoded, path) is not None:
+                        seal_lsn = frame.first_lsn
+        except BaseException:
+            if ahead.value is not None:  # the open finished before the replay failed
+                ahead.value.close()
+            raise
+        log = ahead.value
+        try:
+            self._check_meets_log(start["info"], None, log.first_lsn, log.next_lsn)
+            if not replay_again:
+                return log, start["replica"], seal_lsn
+            self.log = log
+            replica, lsn = self._start(None)
+            with _ReadAhead(lambda put: _put_all(log.read(lsn), put)) as frames:
+                for frame, decoded in frames:
+                    if replica.apply_frame(frame, decoded, path) is not None:
+                        seal_lsn = frame.first_lsn
+            return log, replica, seal_lsn
+        except BaseException:
+            log.close()
+            raise
 
     def replay(self, epoch: int) -> PageArena:
         """A new arena holding this shard's state at sealed ``epoch`` (checkpoint + log suffix),
@@ -486,10 +649,11 @@ class ShardEngine:
 
     def _replica_from(self, epoch: int, seal: Seal) -> _Replica:
         replica, lsn = self._start(epoch)
-        for frame in self.log.read(lsn, seal.cut):
-            if frame.first_lsn >= seal.cut:
-                break
-            replica.apply_frame(frame, self.log.path)
+        with _ReadAhead(lambda put: _put_all(self.log.read(lsn, seal.cut), put)) as frames:
+            for frame, decoded in frames:
+                if frame.first_lsn >= seal.cut:
+                    break
+                replica.apply_frame(frame, decoded, self.log.path)
         return replica
 
     def compact(self, retain_epochs: int) -> list[str]:

@@ -104,6 +104,12 @@ manifest_bytes_max = 1 << 20
 # disk or network; more than the cores only adds switching.
 restore_hash_threads_max = 4
 
+# Replay (recovery on open, replay to an epoch) reads, checks and decodes log frames on a helper
+# thread while the replaying thread applies the ones before (the kernels release the GIL). The
+# helper stops this many payload bytes ahead (always at least one frame): the memory a replay holds
+# beyond the frame it applies.
+replay_read_ahead_bytes = 32 << 20
+
 # ---- runtime (mmsb_dist/runtime.py) ----------------------------------------------------------------
 
 # An encoded batch up to this size travels inline in the Ray call (as bytes); a larger one goes

@@ -265,13 +265,15 @@ def _list_segments(directory: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def _index_frames(view: memoryview, seg: _Segment) -> tuple[int, _BadFrame | None]:
+def _index_frames(view: memoryview, seg: _Segment,
+                  deliver: tuple | None) -> tuple[int, _BadFrame | None]:
     """Index every frame from the segment's start; stop at the first bad one and return where it is
-    and why (None: the whole file is good frames)."""
+    and why (None: the whole file is good frames). ``deliver``: (from_lsn, on_frame), see
+    LogPartition's ``recover_into``."""
     pos, end = 0, len(view)
     while pos < end:
         try:
-            nbytes, first, count, _ = _parse_frame(view, pos, end)
+            nbytes, first, count, epoch = _parse_frame(view, pos, end)
         except _BadFrame as bad:
             if not bad.torn:
                 raise CorruptionError(str(bad), path=seg.path, position=pos) from None
@@ -280,6 +282,8 @@ def _index_frames(view: memoryview, seg: _Segment) -> tuple[int, _BadFrame | Non
             raise CorruptionError(f"LSN gap: frame starts at LSN {first}, expected {seg.end_lsn}",
                                   path=seg.path, position=pos)
         seg.add(first, count, pos, nbytes)
+        if deliver is not None and first + count > deliver[0]:
+            deliver[1](Frame(first, count, epoch, view[pos + HEADER_BYTES:pos + nbytes]))
         pos += nbytes
     return pos, None
 
@@ -310,22 +314,29 @@ def _check_torn_tail(mm, view, pos: int, bad: _BadFrame, path: str, is_last: boo
                               path=path, position=pos)
 
 
-def _scan_segment(path: str, first_lsn: int,
-                  is_last: bool) -> tuple[_Segment, RecoveryReport | None]:
-    """Verify and index one segment; truncate a torn tail (last segment only)."""
+def _scan_segment(path: str, first_lsn: int, is_last: bool,
+                  deliver: tuple | None = None) -> tuple[_Segment, RecoveryReport | None]:
+    """Verify and index one segment; truncate a torn tail (last segment only). ``deliver``: see
+    _index_frames."""
     seg = _Segment(path, first_lsn)
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size == 0:
             return seg, None
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as mm:
-            view = memoryview(mm)
-            try:
-                pos, bad = _index_frames(view, seg)
-                if bad is not None:
-                    _check_torn_tail(mm, view, pos, bad, path, is_last)
-            finally:
-                view.release()
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ)
+    try:
+        view = memoryview(mm)
+        try:
+            pos, bad = _index_frames(view, seg, deliver)
+            if bad is not None:
+                _check_torn_tail(mm, view, pos, bad, path, is_last)
+        finally:
+            view.release()
+    finally:
+        try:
+            mm.close()
+        except BufferError:  # delivered frames still view it: unmapped once they are gone (a
+            pass             # torn tail's truncation below leaves their bytes in place)
     if bad is None:
         return seg, None
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
@@ -368,11 +379,20 @@ class LogPartition:
     fsyncs at least every ``fsync_interval_ms``) or ``"none"`` (the log never fsyncs on its own;
     ``sync()`` still does). ``start_lsn``: the first LSN of a new, empty log (after a checkpoint
     whose older segments are gone); for an existing log it must lie within the LSNs the log covers.
+
+    ``recover_into``: replay while opening, in the same pass as recovery's scan (a shard's restart
+    reads its log once, not twice). Called as ``recover_into(first_lsn)`` once the directory is
+    locked and its segments listed, with the first LSN the log holds; it returns None or
+    ``(from_lsn, on_frame)``, and then the scan calls ``on_frame(frame)`` with every frame that
+    overlaps ``[from_lsn, ...)``, in LSN order, as soon as the frame is verified (CRC, LSN order).
+    A frame's payload views the segment's memory mapping; it stays valid as long as it is
+    referenced. An exception from either call abandons the open and propagates. The scan may still
+    find damage after frames it delivered: the open then raises, as it would have anyway.
     """
 
     def __init__(self, path, *, fsync: str = "always", fsync_interval_ms: float = 5.0,
                  segment_bytes_max: int | None = None, create: bool = True,
-                 start_lsn: int | None = None):
+                 start_lsn: int | None = None, recover_into=None):
         if segment_bytes_max is None:
             segment_bytes_max = limits.segment_bytes_max
         if fsync not in FSYNC_POLICIES:
@@ -396,7 +416,7 @@ class LogPartition:
                            fsync_seconds=0.0, dir_fsyncs=0, segments_created=0)
         self._dir_fd = _open_dir(self.path, create)
         try:
-            self.recovery = self._recover(create, start_lsn)
+            self.recovery = self._recover(create, start_lsn, recover_into)
             self._active = self._segments[-1]
             self._fd = self._open_append(self._active.path)
         except BaseException:
@@ -413,8 +433,12 @@ class LogPartition:
 
     # ---- opening ---------------------------------------------------------------------------------
 
-    def _recover(self, create: bool, start_lsn: int | None) -> RecoveryReport | None:
+    def _recover(self, create: bool, start_lsn: int | None,
+                 recover_into) -> RecoveryReport | None:
         found = _list_segments(self.path)
+        deliver = None
+        if recover_into is not None:
+            deliver = recover_into(found[0][0] if found else start_lsn or 0)
         if not found:
             if not create:
                 raise FileNotFoundError(errno.ENOENT, "no log segments", self.path)
@@ -426,7 +450,7 @@ class LogPartition:
                 raise CorruptionError(f"LSN gap between segments: expected a segment starting at "
                                       f"LSN {segments[-1].end_lsn}, found {first}",
                                       path=path, position=0)
-            seg, report = _scan_segment(path, first, is_last=i == len(found) - 1)
+            seg, report = _scan_segment(path, first, i == len(found) - 1, deliver)
             segments.append(seg)
         if report is not None:
             _logger.warning("log %s: truncated a torn tail of %d bytes at byte %d of %s (%s)",
