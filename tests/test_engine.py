@@ -314,3 +314,57 @@ def test_restore_rolls_back_durably_and_keeps_history(tmp_path, backend):
     with pytest.raises(EpochError):
         e.restore(99)
     e.close()
+
+
+def _control_frame(lsn: int, pad: int = 0):
+    from mmsb_dist.formats import pack_control
+    from mmsb_dist.log import Frame
+    return Frame(lsn, 1, 0, memoryview(pack_control("seal", epoch=lsn, cut=lsn, hash=0,
+                                                    pad=b"x" * pad)))
+
+
+def test_read_ahead_keeps_order_bounds_what_it_holds_and_raises_in_place(monkeypatch):
+    from mmsb_dist.engine import _ReadAhead
+    from mmsb_dist.log import Frame
+    monkeypatch.setattr(limits, "replay_read_ahead_bytes", 5000)
+    produced = []
+
+    def produce(put):
+        for lsn in range(40):
+            produced.append(lsn)
+            put(_control_frame(lsn, pad=1000) if lsn != 30 else Frame(30, 1, 0, memoryview(b"?")))
+        return "done"
+
+    got = []
+    with pytest.raises(SerializationError), _ReadAhead(produce) as frames:
+        for frame, decoded in frames:
+            threading.Event().wait(0.002)           # a slow applier: the helper gets ahead
+            # Held: at most ~5000 bytes of ~1 KiB frames, plus the one being decoded.
+            assert len(produced) - len(got) <= 7, (len(produced), len(got))
+            assert decoded["epoch"] == frame.first_lsn == len(got)
+            got.append(frame.first_lsn)
+    assert got == list(range(30))                   # everything before the bad frame, in order
+
+
+def test_read_ahead_stops_its_helper_when_the_caller_leaves():
+    from mmsb_dist.engine import _ReadAhead
+    finished = threading.Event()
+
+    def produce(put):
+        try:
+            for lsn in range(10**6):
+                put(_control_frame(lsn))
+        finally:
+            finished.set()
+
+    ahead = _ReadAhead(produce)
+    with ahead as frames:
+        for frame, _ in frames:
+            if frame.first_lsn == 3:
+                break
+    assert finished.is_set() and not ahead._thread.is_alive() and ahead.value is None
+
+    ahead = _ReadAhead(lambda put: [put(_control_frame(lsn)) for lsn in range(50)] and "all")
+    with ahead as frames:
+        frames.skip_rest()                          # queue nothing more, let produce finish
+    assert ahead.value == "all" and not ahead._thread.is_alive()

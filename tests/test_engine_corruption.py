@@ -86,3 +86,46 @@ def test_damaged_checkpoint_is_refused(tmp_path, target, how):
     with pytest.raises(CorruptionError) as info:
         ShardEngine(tmp_path / "s", backend="numpy")
     assert target in str(info.value)
+
+
+def _helpers_alive() -> list:
+    import threading
+    return [t for t in threading.enumerate() if t.name.startswith("mmsb-replay")]
+
+
+def test_a_logged_batch_that_no_longer_applies_is_refused_and_frees_the_log(tmp_path):
+    from mmsb_dist.formats import encode_deltas
+    from mmsb_dist.log import LogPartition
+    rng = np.random.default_rng(4)
+    _build(tmp_path / "s", rng)
+    with LogPartition(tmp_path / "s" / "log") as log:   # checksummed, but page 999 never existed
+        for page in (999, 0):
+            batch = encode_deltas(DeltaBatch.runs([page], [0], [b"abc"]))
+            log.append(batch, epoch=4, lsn_count=1)
+    for _ in range(2):  # the same error again: the failed open let go of the log's directory
+        with pytest.raises(CorruptionError, match="no longer applies"):
+            ShardEngine(tmp_path / "s", backend="numpy")
+    assert not _helpers_alive()
+
+
+def test_a_checkpoint_the_log_does_not_continue_is_refused(tmp_path):
+    import shutil
+    from mmsb_dist import EpochError
+    rng = np.random.default_rng(5)
+    _build(tmp_path / "s", rng)
+    shutil.copytree(tmp_path / "s", tmp_path / "t")
+    shutil.rmtree(tmp_path / "s" / "log")               # the checkpoint's LSN is past a new log
+    with pytest.raises(CorruptionError, match="does not meet the log"):
+        ShardEngine(tmp_path / "s", backend="numpy")
+    with ShardEngine(tmp_path / "t", backend="numpy", segment_bytes_max=256) as e:
+        # a log that starts after LSN 0 (small segments: compaction can drop whole ones) ...
+        e.apply(DeltaBatch.runs(e.arena.page_ids()[:1], [0], [b"z"]))
+        e.seal()
+        e.checkpoint()
+        e.seal()
+        e.compact(1)
+        assert e.log.first_lsn > 0
+    shutil.rmtree(tmp_path / "t" / "checkpoints")       # ... with no checkpoint to start from
+    with pytest.raises(EpochError, match="no checkpoint covers"):
+        ShardEngine(tmp_path / "t", backend="numpy")
+    assert not _helpers_alive()

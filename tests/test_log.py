@@ -505,3 +505,79 @@ def test_corruption_after_open_is_caught_on_read(tmp_path):
             _read_all(log)
         assert (err.value.path, err.value.position) == (path, offset)
         assert _read_all(log, 0, oracle[3][0]) == oracle[:3]
+
+
+# ---- replay while opening (recover_into) ---------------------------------------------------------
+
+def _open_replaying(path, from_lsn: int = 0, fail_at: int | None = None, **kw):
+    """Open with recover_into; returns (log, frames handed over as oracle tuples, first LSNs told)."""
+    got, told = [], []
+
+    def on_frame(frame):
+        if fail_at is not None and frame.first_lsn >= fail_at:
+            raise RuntimeError("replay stopped")
+        got.append((frame.first_lsn, frame.lsn_count, frame.epoch, bytes(frame.payload)))
+
+    def recover_into(first_lsn):
+        told.append(first_lsn)
+        return from_lsn, on_frame
+
+    return LogPartition(path, recover_into=recover_into, **kw), got, told
+
+
+def test_recover_into_hands_over_what_read_returns(tmp_path):
+    oracle, _ = _build(tmp_path, n=30, seed=21)                    # several segments
+    last_first, last_count = oracle[-1][0], oracle[-1][1]
+    for from_lsn in (0, oracle[7][0] + 1, last_first, last_first + last_count):
+        log, got, told = _open_replaying(tmp_path, from_lsn)
+        with log:
+            assert len(log.segments()) > 2
+            assert told == [0]
+            assert got == _read_all(log, from_lsn)
+            assert got == [o for o in oracle if o[0] + o[1] > from_lsn]
+    with LogPartition(tmp_path, recover_into=lambda first: None) as log:   # None: no replay
+        assert _read_all(log) == oracle
+    with LogPartition(tmp_path / "new", start_lsn=500,
+                      recover_into=lambda first: (first, pytest.fail)) as log:
+        assert log.next_lsn == 500                                  # told 500, nothing to hand over
+
+
+def test_recover_into_hands_over_only_verified_frames(tmp_path):
+    oracle, layout = _build(tmp_path / "torn", n=6, seed=4, segment_bytes=10**6)
+    path, offset, size = layout[-1]
+    _flip(path, offset + size - 1, 2)                               # torn tail: the last frame
+    log, got, _ = _open_replaying(tmp_path / "torn")
+    with log:
+        assert log.recovery is not None and log.recovery.position == offset
+        assert got == oracle[:-1]
+    oracle, layout = _build(tmp_path / "mid", n=6, seed=4, segment_bytes=10**6)
+    path, offset, size = layout[2]
+    _flip(path, offset + size - 1, 2)                               # a middle frame
+    for _ in range(2):   # refused the same way twice: the failed open released the directory
+        got = []
+        with pytest.raises(CorruptionError) as err:
+            LogPartition(tmp_path / "mid",
+                         recover_into=lambda first: (0, lambda f: got.append(bytes(f.payload))))
+        assert (err.value.path, err.value.position) == (path, offset)
+        assert got == [o[3] for o in oracle[:2]]                    # delivered before the damage
+
+
+def test_an_error_from_recover_into_abandons_the_open(tmp_path):
+    oracle, _ = _build(tmp_path, n=12, seed=6)
+    with pytest.raises(RuntimeError, match="replay stopped"):
+        _open_replaying(tmp_path, fail_at=oracle[5][0])
+
+    def refuse(first_lsn):
+        raise RuntimeError("no checkpoint for you")
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        LogPartition(tmp_path, recover_into=refuse)
+    with LogPartition(tmp_path) as log:                             # not left locked or changed
+        assert _read_all(log) == oracle
+
+
+def test_handed_over_payloads_stay_valid_after_the_open(tmp_path):
+    oracle, _ = _build(tmp_path, n=10, seed=8, segment_bytes=10**6)
+    kept = []
+    with LogPartition(tmp_path, recover_into=lambda first: (0, kept.append)) as log:
+        log.append(b"more", epoch=1, lsn_count=1)
+    assert [(f.first_lsn, f.lsn_count, f.epoch, bytes(f.payload)) for f in kept] == oracle
