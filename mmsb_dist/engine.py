@@ -377,6 +377,7 @@ class ShardEngine:
                 return log, start["replica"], seal_lsn
             self.log = log
             replica, lsn = self._start(None)
+            seal_lsn = -1
             with _ReadAhead(lambda put: _put_all(log.read(lsn), put)) as frames:
                 for frame, decoded in frames:
                     if replica.apply_frame(frame, decoded, path) is not None:
