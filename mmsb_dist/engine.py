@@ -16,7 +16,9 @@ The contract, in the order the steps happen (the order is what makes a crash har
    retention window.
 
 Recovery (on open): the newest checkpoint, then every logged frame after its cut, replayed in LSN
-order; a torn log tail is truncated by the log, any other damage raises CorruptionError.
+order as the log's own open verifies it (one pass over the log; a helper thread reads and decodes
+while the opening thread applies, see _open_log); a torn log tail is truncated by the log, any other
+damage raises CorruptionError.
 Replay to a sealed epoch builds a scratch arena the same way, stopping at the epoch's cut, and must
 reproduce the recorded state hash exactly. Log frames hold either an Arrow IPC delta batch (it
 begins with the IPC continuation marker ``ff ff ff ff``) or a msgpack control record (a map:
