@@ -224,9 +224,8 @@ class _Replica:
         # the table but never runs a function: recompute results are logged as deltas.
         self.derived: dict[int, tuple[tuple[int, ...], bytes]] = derived or {}
 
-    def apply_frame(self, frame, decoded, where: str) -> Seal | None:
-        """Apply one logged frame, ``decoded`` by _decode_frame; returns the Seal when the frame is
-        a seal record."""
+    def apply_frame(self, frame, decoded, where: str) -> None:
+        """Apply one logged frame, ``decoded`` by _decode_frame."""
         if isinstance(decoded, DeltaBatch):
             batch = decoded
             try:
@@ -237,7 +236,7 @@ class _Replica:
             self.arena.apply_validated(batch, slots, dest, frame.first_lsn + frame.lsn_count - 1)
             if batch.client_id != RECOMPUTE_CLIENT_ID:
                 self.applied.add(batch.client_id, batch.seq)
-            return None
+            return
         msg = decoded
         kind = msg["k"]
         if kind == "create":
@@ -246,9 +245,7 @@ class _Replica:
         elif kind == "free":
             self.arena.free_pages(np.frombuffer(msg["ids"], dtype="<u8"))
         elif kind == "seal":
-            seal = Seal(msg["epoch"], msg["cut"], msg["hash"])
-            self.seals[seal.epoch] = seal
-            return seal
+            self.seals[msg["epoch"]] = Seal(msg["epoch"], msg["cut"], msg["hash"])
         elif kind == "derive":
             self.derived[int(msg["child"])] = (
                 tuple(int(p) for p in np.frombuffer(msg["parents"], dtype="<u8")), msg["fn"])
@@ -261,7 +258,6 @@ class _Replica:
         else:
             raise CorruptionError(f"unknown control record {kind!r} at LSN {frame.first_lsn}",
                                   path=where)
-        return None
 
 
 class ShardEngine:
@@ -287,7 +283,7 @@ class ShardEngine:
         self._table_lock = threading.Lock()
         log_kw = {} if segment_bytes_max is None else {"segment_bytes_max": segment_bytes_max}
         os.makedirs(self.path, exist_ok=True)
-        self.log, self._state, self._seal_lsn = self._open_log(
+        self.log, self._state = self._open_log(
             os.path.join(self.path, "log"), fsync=fsync, fsync_interval_ms=fsync_interval_ms,
             **log_kw)
         self._writer = ckpt.CheckpointWriter(self.checkpoints, filesystem=filesystem,
@@ -340,10 +336,10 @@ class ShardEngine:
             raise CorruptionError(f"checkpoint at LSN {info.lsn} does not meet the log, which "
                                   f"holds [{first_lsn}, {next_lsn})", path=info.path)
 
-    def _open_log(self, path: str, **log_kw) -> tuple[LogPartition, _Replica, int]:
+    def _open_log(self, path: str, **log_kw) -> tuple[LogPartition, _Replica]:
         """Open the log and recover: the newest checkpoint, then every frame after its cut,
         applied as the log's open verifies it (one pass over the log; a helper thread reads and
-        decodes while this one applies). Returns (log, replica, LSN of the last seal record)."""
+        decodes while this one applies)."""
         start: dict = {}  # what the helper thread loaded: replica, info
 
         def produce(put):
@@ -355,7 +351,7 @@ class ShardEngine:
                 return None if lsn < first_lsn else (lsn, put)
             return LogPartition(path, recover_into=recover_into, **log_kw)
 
-        seal_lsn, replay_again = -1, False
+        replay_again = False
         ahead = _ReadAhead(produce)
         try:
             with ahead as frames:
@@ -366,8 +362,7 @@ class ShardEngine:
                         replay_again = True
                         frames.skip_rest()
                         break
-                    if start["replica"].apply_frame(frame, decoded, path) is not None:
-                        seal_lsn = frame.first_lsn
+                    start["replica"].apply_frame(frame, decoded, path)
         except BaseException:
             if ahead.value is not None:  # the open finished before the replay failed
                 ahead.value.close()
@@ -376,15 +371,9 @@ class ShardEngine:
         try:
             self._check_meets_log(start["info"], None, log.first_lsn, log.next_lsn)
             if not replay_again:
-                return log, start["replica"], seal_lsn
+                return log, start["replica"]
             self.log = log
-            replica, lsn = self._start(None)
-            seal_lsn = -1
-            with _ReadAhead(lambda put: _put_all(log.read(lsn), put)) as frames:
-                for frame, decoded in frames:
-                    if replica.apply_frame(frame, decoded, path) is not None:
-                        seal_lsn = frame.first_lsn
-            return log, replica, seal_lsn
+            return log, self._replayed(None)
         except BaseException:
             log.close()
             raise
@@ -597,8 +586,7 @@ class ShardEngine:
                 raise EpochError(f"epoch {epoch} is not after the last sealed epoch "
                                  f"{self.last_sealed} of shard {self.shard}")
             seal = Seal(epoch, self.log.next_lsn, self.arena.state_hash())
-            self._seal_lsn = self._log_control("seal", epoch=seal.epoch, cut=seal.cut,
-                                               hash=seal.state_hash)
+            self._log_control("seal", epoch=seal.epoch, cut=seal.cut, hash=seal.state_hash)
             self.log.sync()  # a seal is durable whatever the fsync policy of writes
             self._state.seals[epoch] = seal
             self._changed, self._changed_all = set(), False
@@ -612,7 +600,9 @@ class ShardEngine:
             self._check_open()
             epoch = self.last_sealed if epoch is None else int(epoch)
             seal = self._seal(epoch)
-            if epoch == self.last_sealed and self.log.next_lsn == self._seal_lsn + 1:
+            # The live arena is that epoch's state if nothing was logged after its seal record
+            # (which lies at LSN cut).
+            if epoch == self.last_sealed > 0 and self.log.next_lsn == seal.cut + 1:
                 snap, applied = self.arena.snapshot(self._reusable_buffer()), self._state.applied.copy()
                 derived = dict(self._state.derived)
             else:
@@ -651,11 +641,14 @@ class ShardEngine:
         return seal, self._replica_from(epoch, seal)
 
     def _replica_from(self, epoch: int, seal: Seal) -> _Replica:
-        replica, lsn = self._start(epoch)
-        with _ReadAhead(lambda put: _put_all(self.log.read(lsn, seal.cut), put)) as frames:
+        return self._replayed(epoch, seal.cut)
+
+    def _replayed(self, at_or_before: int | None, cut: int | None = None) -> _Replica:
+        """The newest checkpoint at or before an epoch (None: the newest), plus the open log from
+        its cut up to LSN ``cut`` (None: to the end)."""
+        replica, lsn = self._start(at_or_before)
+        with _ReadAhead(lambda put: _put_all(self.log.read(lsn, cut), put)) as frames:
             for frame, decoded in frames:
-                if frame.first_lsn >= seal.cut:
-                    break
                 replica.apply_frame(frame, decoded, self.log.path)
         return replica
 

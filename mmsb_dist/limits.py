@@ -145,9 +145,9 @@ shard_start_timeout_s = 600.0
 
 # A shard remembers, per client, which of the last this-many batch seqs it applied (mmsb_dist/dedup.py:
 # back to the oldest seq still missing, so at most 8 KiB per client); a batch further behind the
-# client's newest is taken as a duplicate. A client
-# has at most inflight_batches_max batches in flight per shard from one write_many, and the gateway
-# as many as its concurrent requests: both far below this.
+# client's newest is taken as a duplicate. A client has at most inflight_batches_max batches in
+# flight per shard from one write_many, and the gateway as many as its concurrent requests: both
+# far below this.
 dedup_window_seqs = 1 << 16
 
 # Threads a shard actor runs writes on (Ray's "writes" concurrency group): while one holds the
