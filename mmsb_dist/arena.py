@@ -161,6 +161,10 @@ class PageArena:
         return PageInfo(int(self._ids[s]), int(self._offsets[s]), int(self._sizes[s]),
                         int(self._versions[s]), DTYPES[self._dtypes[s]])
 
+    def versions(self, page_ids) -> np.ndarray:
+        """The version (LSN of the last write) of each page; UnknownPageError for a missing one."""
+        return self._versions[self.slots_of(page_ids)].copy()
+
     def spans(self, page_ids) -> dict[int, tuple[int, int, str]]:
         """page id -> (offset in the buffer, size, dtype) of the live pages among ``page_ids``;
         absent ones are left out. Valid until the next create (growth moves pages)."""

@@ -294,7 +294,11 @@ class ShardEngine:
         self._failure: BaseException | None = None  # an overlapped log write failed: see apply_many
         self._watch: dict[int, list[int]] = {}  # parent here -> shards with children of it
         self._remote: dict[int, np.ndarray] = {}  # latest bytes seen of parents on other shards
-        self._outbox: dict[int, dict[int, np.ndarray]] = {}  # shard -> {parent: bytes} to send
+        self._remote_keys: dict[int, tuple[int, int]] = {}  # ... and their keys (_keyed)
+        self._outbox: dict[int, dict[int, tuple]] = {}  # shard -> {parent: (key, bytes)} to send
+        # Orders this shard's page versions across restores and restarts (see _keyed): the LSN at
+        # which the live state's timeline began.
+        self._generation = self.log.next_lsn
         self._changed: set[int] = set()  # watched pages written since the last seal
         self._changed_all = True  # a fresh process does not know what changed before it
         self.eager = True  # propagate on write (False: derived pages change only at barriers)
@@ -569,7 +573,7 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             seal = self._seal(epoch)
-            self._log_control("restore", epoch=int(epoch))
+            self._generation = self._log_control("restore", epoch=int(epoch))
             self._state.arena = self._replica_from(int(epoch), seal).arena
             self._asof = None
             self._changed_all = True  # derived pages follow their restored parents at the barrier
@@ -728,32 +732,61 @@ class ShardEngine:
         with self._lock:
             return np.array(sorted(self._changed), np.uint64), self._changed_all
 
+    def read_cut(self, page_ids) -> list[tuple[tuple[int, int], np.ndarray]]:
+        """(key, bytes) of each page, for the barrier to carry to the shards of its children:
+        ``recompute``'s ``remote``. The key orders the page's values (see ``_keyed``)."""
+        with self._lock:
+            self._check_open()
+            return self._keyed(page_ids, self.arena.read_many(page_ids))
+
+    def _keyed(self, page_ids, values) -> list[tuple[tuple[int, int], np.ndarray]]:
+        """Each value of ``page_ids`` with its key (generation, version): eager messages may
+        arrive late and in any order, so a shard keeps, per remote parent, the value with the
+        greatest key. Versions are the LSNs of last writes, which a restore sets back: the
+        generation (the LSN of the restore, or of the open) puts every value written since above
+        every value from before it."""
+        versions = self.arena.versions(page_ids).tolist()
+        return [((self._generation, v), a.reshape(-1).view(np.uint8))
+                for v, a in zip(versions, values)]
+
+    @staticmethod
+    def _unpack_remote(values: dict) -> dict[int, tuple]:
+        return {int(p): ((int(k[0]), int(k[1])),
+                         np.ascontiguousarray(v).reshape(-1).view(np.uint8))
+                for p, (k, v) in values.items()}
+
     def recompute(self, children, remote: dict | None = None) -> dict:
         """The barrier's recompute of ``children`` (derived pages of this shard, in topological
         order) from the current state of their parents: local pages, earlier children of this
-        call, and ``remote`` (page -> bytes of parents on other shards). The results are logged as
-        one masked delta batch (the diff kernel) and applied; a function that fails leaves its
-        page as it was and is reported in ``errors``."""
-        remote = {int(p): np.ascontiguousarray(v).reshape(-1).view(np.uint8)
-                  for p, v in (remote or {}).items()}
+        call, and ``remote`` (page -> (key, bytes) of parents on other shards, from ``read_cut``
+        at the cut: they replace whatever eager messages brought). The results are logged as one
+        masked delta batch (the diff kernel) and applied; a function that fails leaves its page
+        as it was and is reported in ``errors``."""
+        remote = self._unpack_remote(remote or {})
         with self._lock:
             self._check_open()
-            self._remote.update(remote)
-            return self._recompute([int(c) for c in children], remote, barrier=True)
+            for p, (k, v) in remote.items():
+                self._remote[p], self._remote_keys[p] = v, k
+            return self._recompute([int(c) for c in children],
+                                   {p: v for p, (_, v) in remote.items()}, barrier=True)
 
     def remote_changed(self, values: dict) -> dict:
-        """Parents on other shards changed (eager propagation): recompute their children here."""
-        values = {int(p): np.ascontiguousarray(v).reshape(-1).view(np.uint8)
-                  for p, v in values.items()}
+        """Parents on other shards changed (eager propagation, ``take_outbox``'s page -> (key,
+        bytes)): recompute their children here. A value whose key is not above the one this shard
+        has is stale (a message that arrived late) and is dropped."""
+        values = self._unpack_remote(values)
         with self._lock:
             self._check_open()
-            self._remote.update(values)
-            order = self._local_downstream(values)
+            newer = [p for p, (k, _) in values.items()
+                     if p not in self._remote_keys or k > self._remote_keys[p]]
+            for p in newer:
+                self._remote_keys[p], self._remote[p] = values[p]
+            order = self._local_downstream(newer) if newer else None
             return self._recompute(order, self._remote, barrier=False) if order else \
                 {"changed": 0, "errors": []}
 
-    def take_outbox(self) -> dict[int, dict[int, np.ndarray]]:
-        """What eager propagation wants sent: shard -> {page: bytes}; emptied."""
+    def take_outbox(self) -> dict[int, dict[int, tuple]]:
+        """What eager propagation wants sent: shard -> {page: (key, bytes)}; emptied."""
         with self._lock:
             out, self._outbox = self._outbox, {}
             return out
@@ -788,8 +821,8 @@ class ShardEngine:
             return
         watched = [p for p in hit if p in self._watch]
         if watched:
-            self._queue_remote(dict(zip(watched, (a.reshape(-1).view(np.uint8)
-                                                  for a in self.arena.read_many(watched)))))
+            self._queue_remote(dict(zip(watched, self._keyed(watched,
+                                                             self.arena.read_many(watched)))))
         order = self._local_downstream(hit)
         if order:
             self._recompute(order, self._remote, barrier=False)
@@ -806,7 +839,8 @@ class ShardEngine:
         return order
 
     def _queue_remote(self, values: dict) -> None:
-        """Queue the bytes of watched pages (page -> bytes) for the shards of their children."""
+        """Queue the values of watched pages (page -> (key, bytes)) for the shards of their
+        children."""
         for p, v in values.items():
             for s in self._watch[p]:
                 self._outbox.setdefault(s, {})[p] = v
@@ -868,10 +902,11 @@ class ShardEngine:
                 pieces.append(xp.zeros(pad, xp.uint8))
         new_all = xp.concatenate(pieces)
         rows, host = self._log_recompute(ids, old_all, new_all, starts, sizes)
-        watched = {ids[r]: host[starts[r]:starts[r] + sizes[r]] for r in rows
-                   if ids[r] in self._watch}
+        watched = [ids[r] for r in rows if ids[r] in self._watch]
         if watched and not barrier:
-            self._queue_remote(watched)
+            self._queue_remote(dict(zip(watched, self._keyed(
+                watched, [host[starts[r]:starts[r] + sizes[r]] for r in rows
+                          if ids[r] in self._watch]))))
         return {"changed": len(rows), "errors": errors}
 
     def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> tuple:

@@ -200,7 +200,7 @@ class ShardActor:
 
     @ray.method(concurrency_group="control")
     def read_cut(self, ids) -> list:
-        return [a.reshape(-1).view(np.uint8) for a in self.engine.read_many(ids)]
+        return self.engine.read_cut(ids)
 
     @ray.method(concurrency_group="control")
     def recompute(self, children, remote) -> dict:

@@ -23,6 +23,9 @@ class LocalCluster:
         self.pending: set[int] = set()
         self.next_id = 1
         self.epoch = 0
+        # None: eager messages are delivered at once, in order. A list: they are collected here
+        # and delivered by deliver_some (late, in any order, as on Ray).
+        self.in_flight: list | None = None
 
     def owner(self, page: int) -> int:
         return int(shards_of(np.array([page], np.uint64), self.n)[0])
@@ -61,8 +64,26 @@ class LocalCluster:
         self.engines[self.owner(page)].apply(DeltaBatch.runs([page], [offset], [data]))
         self.deliver()
 
+    def _collect(self) -> None:
+        for e in self.engines:
+            self.in_flight += list(e.take_outbox().items())
+
+    def deliver_some(self, rng, n: int | None = None) -> None:
+        """Deliver ``n`` (None: all, and what they cause) of the collected messages, picked at
+        random."""
+        for _ in range(DELIVERY_ROUNDS_MAX if n is None else n):
+            self._collect()
+            if not self.in_flight:
+                return
+            target, values = self.in_flight.pop(int(rng.integers(0, len(self.in_flight))))
+            self.engines[target].remote_changed(values)
+        if n is None:
+            raise AssertionError("eager propagation did not settle")
+
     def deliver(self) -> None:
-        """Carry eager cross-shard messages until none are left."""
+        """Carry eager cross-shard messages until none are left (or collect them: in_flight)."""
+        if self.in_flight is not None:
+            return self._collect()
         for _ in range(DELIVERY_ROUNDS_MAX):
             sent = False
             for e in self.engines:
@@ -82,11 +103,8 @@ class LocalCluster:
         plan = self.graph.plan(changed, self.owner)
 
         def fetch(wanted):
-            out = {}
-            for o, ids in wanted.items():
-                for p, a in zip(ids, self.engines[o].read_many(ids)):
-                    out[p] = a.reshape(-1).view(np.uint8)
-            return out
+            return {p: v for o, ids in wanted.items()
+                    for p, v in zip(ids, self.engines[o].read_cut(ids))}
 
         def recompute(tasks):
             return {s: self.engines[s].recompute(ch, rem) for s, (ch, rem) in tasks.items()}
