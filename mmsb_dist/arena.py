@@ -13,6 +13,7 @@ disjoint from live ones.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numba
@@ -23,7 +24,7 @@ from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.delta import DeltaBatch
 from mmsb_dist.errors import CapacityError, InvalidDeltaError, InvalidPageError, UnknownPageError
 
-__all__ = ["PageArena", "PageInfo", "ArenaSnapshot", "DTYPES"]
+__all__ = ["PageArena", "PageInfo", "ArenaSnapshot", "SnapshotFill", "DTYPES"]
 
 # Page dtypes by code (the code is what page tables and checkpoints store).
 DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "uint64", "int64",
@@ -76,6 +77,38 @@ class ArenaSnapshot:
 
     def state_hash(self) -> int:
         return int(_cpu.combine_hashes(self.page_ids, self.hashes))
+
+
+class SnapshotFill:
+    """How much of a snapshot's ``data`` is copied yet (``PageArena.begin_snapshot``): the copier
+    reports each chunk, a reader (the checkpoint writer) waits for the bytes it needs, so the
+    write of a checkpoint overlaps the copy it writes from."""
+
+    def __init__(self, total: int):
+        self.total = int(total)
+        self._done = 0
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+
+    def advance(self, done: int) -> None:
+        with self._cond:
+            self._done = int(done)
+            self._cond.notify_all()
+
+    def fail(self, error: BaseException) -> None:
+        """The copy stopped: every waiter gets ``error`` (the snapshot is never complete)."""
+        with self._cond:
+            self._error = error
+            self._cond.notify_all()
+
+    def wait(self, upto: int | None = None) -> None:
+        """Return once the first ``upto`` bytes (None: all) are copied."""
+        upto = self.total if upto is None else min(int(upto), self.total)
+        with self._cond:
+            while self._done < upto and self._error is None:
+                self._cond.wait()
+            if self._done < upto:
+                raise RuntimeError("the snapshot's copy failed") from self._error
 
 
 class PageArena:
@@ -455,23 +488,44 @@ class PageArena:
         """A consistent host copy of every live page (gathered on the backend, one transfer).
         On the CPU backend ``reuse`` (the ``data`` of an earlier snapshot nobody reads any more)
         is written over when large enough: fresh memory costs a page fault per 4 KiB."""
+        snap, copy = self.begin_snapshot(reuse)
+        copy(SnapshotFill(snap.data.size))
+        return snap
+
+    def begin_snapshot(self, reuse: np.ndarray | None = None) -> tuple[ArenaSnapshot, object]:
+        """``snapshot`` in two steps: the snapshot, whose table and hashes are final but whose
+        ``data`` is filled only by ``copy(fill)``, which reports its progress to ``fill`` (a
+        SnapshotFill) chunk by chunk on the CPU backend (the GPU's one transfer happens here).
+        The arena must not change until ``copy`` returns."""
         slots = np.flatnonzero(self._live[: self._nslots])
         self._refresh_hashes()
         sizes = self._sizes[slots].copy()
         starts = np.zeros(slots.size + 1, np.int64)
         np.cumsum(sizes, out=starts[1:])
         total = max(int(starts[-1]), 1)
-        if (reuse is not None and self.backend.xp is np and reuse.base is not None
-                and reuse.base.size >= total):
+        offsets = self._offsets[slots]
+        on_host = self.backend.xp is np
+        if on_host and reuse is not None and reuse.base is not None and reuse.base.size >= total:
             staging = reuse.base[:total]
         else:
             staging = self.backend.zeros(total)
-        self.backend.copy_runs(staging, starts[:-1], self._buf, self._offsets[slots], sizes)
+        if not on_host:
+            self.backend.copy_runs(staging, starts[:-1], self._buf, offsets, sizes)
         # The staging buffer is the copy (on the GPU, to_host makes the host one): no second copy.
         data = self.backend.to_host(staging)[: int(starts[-1])]
-        return ArenaSnapshot(self._ids[slots].copy(), sizes, self._versions[slots].copy(),
+        snap = ArenaSnapshot(self._ids[slots].copy(), sizes, self._versions[slots].copy(),
                              self._dtypes[slots].copy(), self._hashes[slots].copy(), data,
                              self._next_id)
+
+        def copy(fill: SnapshotFill) -> None:
+            if on_host:
+                for a, b in _chunks(starts, limits.checkpoint_io_chunk_bytes):
+                    self.backend.copy_runs(staging, starts[a:b], self._buf, offsets[a:b],
+                                           sizes[a:b])
+                    fill.advance(int(starts[b]))
+            fill.advance(int(starts[-1]))
+
+        return snap, copy
 
     @classmethod
     def from_snapshot(cls, snap: ArenaSnapshot, backend: Backend | str = "auto") -> "PageArena":
@@ -513,6 +567,17 @@ class PageArena:
         free = np.concatenate([np.concatenate(v) for v in self._free_extents.values()]) \
             if self._free_extents else np.zeros(0, np.int64)
         assert not np.intersect1d(free, offs).size, "a free extent is also live"
+
+
+def _chunks(starts: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+    """Consecutive groups [a, b) of the pages laid out at ``starts`` (n+1 offsets), each ending at
+    the first page end at or past a multiple of ``chunk`` bytes (a larger page is a group)."""
+    n = starts.size - 1
+    if n <= 0:
+        return []
+    cuts = np.unique(np.concatenate([[0, n], np.searchsorted(starts, np.arange(0, starts[-1],
+                                                                           chunk))]))
+    return list(zip(cuts[:-1].tolist(), cuts[1:].tolist()))
 
 
 def _occurrence_waves(page_ids: np.ndarray) -> list[np.ndarray]:

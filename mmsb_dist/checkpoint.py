@@ -278,21 +278,35 @@ class _ChecksummingSink:
     """A file-like object for pyarrow's IPC writer: forwards bytes to ``out`` in chunks, keeping a
     running CRC32C and byte count. pyarrow hands it body buffers zero-copy (as pa.Buffer)."""
 
-    def __init__(self, out):
+    def __init__(self, out, filling=None):
         self._out = out
         self.crc = 0
         self.size = 0
         self.closed = False
+        # (address, size, SnapshotFill) of a buffer still being copied: a piece that lies in it
+        # is written once the copy has passed it; ``waited`` counts those bytes.
+        self._filling = filling
+        self.waited = 0
 
     def write(self, data) -> int:
         view = memoryview(data).cast("B")
         n = len(view)
+        at = np.frombuffer(view, np.uint8).ctypes.data if self._filling and n else None
         for i in range(0, n, limits.checkpoint_io_chunk_bytes):
             piece = view[i:i + limits.checkpoint_io_chunk_bytes]
+            if at is not None:
+                self._await(at + i, len(piece))
             self.crc = crc32c.crc32c(piece, self.crc)
             self._out.write(piece)
         self.size += n
         return n
+
+    def _await(self, address: int, n: int) -> None:
+        base, size, fill = self._filling
+        lo, hi = max(address, base), min(address + n, base + size)
+        if lo < hi:
+            fill.wait(hi - base)
+            self.waited += hi - lo
 
     def tell(self) -> int:
         return self.size
@@ -333,14 +347,15 @@ def _record_batch(snap: ArenaSnapshot) -> pa.RecordBatch:
          col(snap.hashes, pa.uint64()), data], schema=CHECKPOINT_SCHEMA)
 
 
-def _publish(fs, dir_path: str, name: str, produce) -> CheckpointFile:
-    """Write one file of a checkpoint through ``produce(sink)``; atomically where the disk is local."""
+def _publish(fs, dir_path: str, name: str, produce, filling=None) -> CheckpointFile:
+    """Write one file of a checkpoint through ``produce(sink)``; atomically where the disk is local.
+    ``filling``: see _ChecksummingSink."""
     final = _join(dir_path, name)
     os_final = _os_path(fs, final)
     target = final + _TMP_SUFFIX if os_final else final
     try:
         with fs.open_output_stream(target, compression=None) as out:
-            sink = _ChecksummingSink(out)
+            sink = _ChecksummingSink(out, filling)
             produce(sink)
         if os_final:
             _fsync_path(os_final + _TMP_SUFFIX)
@@ -358,11 +373,14 @@ def _publish(fs, dir_path: str, name: str, produce) -> CheckpointFile:
 def write_checkpoint(snapshot: ArenaSnapshot, location, *, shard: int, epoch: int, lsn: int,
                      state_hash: int, compression: str | None = None,
                      filesystem: pafs.FileSystem | None = None,
-                     extra: dict | None = None) -> CheckpointInfo:
+                     extra: dict | None = None, fill=None) -> CheckpointInfo:
     """Write ``snapshot`` as the checkpoint of ``shard`` at ``epoch`` (holding every delta with
     LSN < ``lsn``) under ``location`` (a directory or a URI pyarrow.fs understands; or a path in
     ``filesystem``). Returns its CheckpointInfo once published. Idempotent for the same state;
-    EpochError if a different checkpoint of that shard and epoch exists."""
+    EpochError if a different checkpoint of that shard and epoch exists.
+
+    ``fill``: the snapshot's page bytes are still being copied (arena.SnapshotFill); each piece
+    is written once the copy has passed it (compressed: once it is done)."""
     for name, v in (("shard", shard), ("epoch", epoch), ("lsn", lsn), ("state_hash", state_hash)):
         if not isinstance(v, (int, np.integer)) or not 0 <= int(v) < _U64:
             raise ValueError(f"{name}={v!r} is not a u64")
@@ -394,11 +412,21 @@ def write_checkpoint(snapshot: ArenaSnapshot, location, *, shard: int, epoch: in
     batch = _record_batch(snapshot)
     options = pa.ipc.IpcWriteOptions(compression=compression)
 
+    filling = None
+    if fill is not None and snapshot.data.size:
+        if compression is None:  # the IPC writer hands the page bytes to the sink as they are
+            filling = (snapshot.data.ctypes.data, snapshot.data.size, fill)
+        else:
+            fill.wait()
+
     def write_pages(sink):
         with pa.ipc.new_file(sink, schema, options=options) as writer:
             writer.write_batch(batch)
+        if filling and sink.waited != snapshot.data.size:  # never write bytes not copied yet
+            raise RuntimeError(f"{sink.waited} of the {snapshot.data.size} page bytes reached "
+                               "the file from the snapshot being copied")
 
-    data_file = _publish(fs, dir_path, DATA_FILE, write_pages)
+    data_file = _publish(fs, dir_path, DATA_FILE, write_pages, filling)
     body = {
         "format": "mmsb.checkpoint", "version": CHECKPOINT_FORMAT_VERSION,
         "shard": shard, "epoch": epoch, "lsn": lsn, "state_hash": f"{state_hash:016x}",
@@ -799,7 +827,10 @@ class CheckpointWriter:
                        "bytes_written": 0}
 
     def submit(self, snapshot: ArenaSnapshot, *, shard: int, epoch: int, lsn: int,
-               state_hash: int, timeout: float | None = None, extra: dict | None = None) -> Future:
+               state_hash: int, timeout: float | None = None, extra: dict | None = None,
+               fill=None) -> Future:
+        """``fill``: the snapshot's bytes are still being copied (see write_checkpoint).
+        ``timeout``: TimeoutError when no slot frees in that time (0: do not wait)."""
         if self._closed:
             raise RuntimeError("CheckpointWriter is closed")
         _check_snapshot(snapshot, state_hash)  # a caller's mistake surfaces here, not in a future
@@ -810,7 +841,8 @@ class CheckpointWriter:
             self._stats["pending"] += 1
         try:
             return self._pool.submit(self._write, snapshot, dict(
-                shard=shard, epoch=epoch, lsn=lsn, state_hash=state_hash, extra=extra))
+                shard=shard, epoch=epoch, lsn=lsn, state_hash=state_hash, extra=extra,
+                fill=fill))
         except BaseException:
             with self._lock:
                 self._stats["submitted"] -= 1

@@ -38,7 +38,7 @@ import numpy as np
 
 from mmsb_dist import checkpoint as ckpt
 from mmsb_dist import limits
-from mmsb_dist.arena import DTYPES, PageArena
+from mmsb_dist.arena import DTYPES, PageArena, SnapshotFill
 from mmsb_dist.backend import Backend, get_backend
 from mmsb_dist.dedup import AppliedSeqs, is_delta_id
 from mmsb_dist.delta import RECOMPUTE_CLIENT_ID, DeltaBatch
@@ -600,24 +600,41 @@ class ShardEngine:
         """Checkpoint sealed ``epoch`` (default: the last). The live arena is copied when nothing
         was written since that seal, else the epoch is replayed into a scratch arena first. Returns
         the CheckpointInfo (or a Future of it with ``wait=False``)."""
+        future = None
         with self._lock:
             self._check_open()
             epoch = self.last_sealed if epoch is None else int(epoch)
             seal = self._seal(epoch)
+            seals = [[s.epoch, s.cut, s.state_hash] for s in self._state.seals.values()
+                     if s.epoch <= epoch]
             # The live arena is that epoch's state if nothing was logged after its seal record
-            # (which lies at LSN cut).
+            # (which lies at LSN cut). Its copy is written as it is made: the writer gets the
+            # snapshot first and follows the copy chunk by chunk (when it has a free slot; else
+            # the copy is made whole and submitted outside the lock, as a replayed one is).
             if epoch == self.last_sealed > 0 and self.log.next_lsn == seal.cut + 1:
-                snap, applied = self.arena.snapshot(self._reusable_buffer()), self._state.applied.copy()
-                derived = dict(self._state.derived)
+                snap, copy = self.arena.begin_snapshot(self._reusable_buffer())
+                extra = self._checkpoint_extra(seals, self._state.applied.copy(),
+                                               dict(self._state.derived))
+                fill = SnapshotFill(snap.data.size)
+                try:
+                    future = self._writer.submit(snap, shard=self.shard, epoch=epoch,
+                                                 lsn=seal.cut, state_hash=seal.state_hash,
+                                                 extra=extra, fill=fill, timeout=0)
+                except TimeoutError:
+                    pass
+                try:
+                    copy(fill)
+                except BaseException as exc:
+                    fill.fail(exc)
+                    raise
             else:
-                snap, applied, derived = None, None, None
+                snap = None
         if snap is None:  # outside the lock: replay reads the log and older checkpoints only
             snap, applied, derived = self._replayed_snapshot(epoch)
-        seals = [[s.epoch, s.cut, s.state_hash] for s in self._state.seals.values()
-                 if s.epoch <= epoch]
-        future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
-                                     state_hash=seal.state_hash,
-                                     extra=self._checkpoint_extra(seals, applied, derived))
+            extra = self._checkpoint_extra(seals, applied, derived)
+        if future is None:
+            future = self._writer.submit(snap, shard=self.shard, epoch=epoch, lsn=seal.cut,
+                                         state_hash=seal.state_hash, extra=extra)
         self._last_snapshot = (future, snap)
         return future.result() if wait else future
 

@@ -5,6 +5,7 @@ import json
 import os
 import tempfile
 import threading
+import time
 
 import crc32c
 import numpy as np
@@ -16,7 +17,7 @@ from hypothesis import strategies as st
 from _s3kit import KEY, REGION, SECRET, moto_s3
 from mmsb_dist import CorruptionError, EpochError, PageArena
 from mmsb_dist import checkpoint as ck
-from mmsb_dist.arena import DTYPES
+from mmsb_dist.arena import DTYPES, SnapshotFill
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -442,6 +443,49 @@ def test_writer_refuses_an_inconsistent_snapshot_at_submit(tmp_path, rng):
         with pytest.raises(ValueError):
             writer.submit(arena.snapshot(), shard=0, epoch=1, lsn=1, state_hash=12345)
         assert writer.statistics()["submitted"] == 0
+
+
+@pytest.mark.parametrize("compression", [None, "zstd"])
+def test_a_checkpoint_written_while_its_snapshot_is_copied_holds_the_copied_bytes(
+        tmp_path, rng, compression, monkeypatch):
+    """engine.checkpoint hands the writer a snapshot whose bytes are still being copied: the
+    writer must write each piece only once the copy has passed it. The staging buffer starts out
+    holding another state's bytes (a reused buffer), so a piece written early would be caught by
+    the page hashes on read-back."""
+    monkeypatch.setattr(ck.limits, "checkpoint_io_chunk_bytes", 64 << 10)  # many chunks
+    arena = PageArena("numpy")
+    ids = arena.create_pages(96, 16 << 10)
+    old = arena.snapshot()
+    for p in ids:
+        arena.write(int(p), 0, rng.integers(1, 256, 16 << 10, dtype=np.uint8))
+    snap, copy = arena.begin_snapshot(reuse=old.data)
+    assert snap.data.base is old.data.base  # the stale bytes are there until copied over
+    fill = SnapshotFill(snap.data.size)
+    with ck.CheckpointWriter(tmp_path, compression=compression) as writer:
+        future = writer.submit(snap, shard=0, epoch=1, lsn=1, state_hash=arena.state_hash(),
+                               fill=fill)
+        time.sleep(0.2)  # the writer has long reached the page bytes: it must be waiting
+        assert not future.done()
+        copy(fill)
+        info = future.result(timeout=60)
+    back, _ = ck.read_checkpoint(info)  # every page's hash recomputed from its bytes
+    assert_same_snapshot(back, arena.snapshot())
+
+
+def test_a_snapshot_copy_that_fails_publishes_nothing(tmp_path, rng):
+    arena = random_arena(rng, n_pages=6, max_bytes=64 << 10)
+    snap, _ = arena.begin_snapshot()
+    fill = SnapshotFill(snap.data.size)
+    with ck.CheckpointWriter(tmp_path) as writer:
+        future = writer.submit(snap, shard=0, epoch=1, lsn=1, state_hash=arena.state_hash(),
+                               fill=fill)
+        fill.fail(MemoryError("copy failed"))
+        with pytest.raises(RuntimeError, match="copy failed") as got:
+            future.result(timeout=60)
+        assert isinstance(got.value.__cause__, MemoryError)
+    assert ck.list_checkpoints(tmp_path) == []
+    leftovers = [f for _, _, fs in os.walk(tmp_path) for f in fs]
+    assert leftovers == []  # the temp file is gone; an empty directory is all that may stay
 
 
 # ---- S3 (moto's server on loopback) ----------------------------------------------------------------

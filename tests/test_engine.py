@@ -6,6 +6,7 @@ also after reopening the shard (recovery from checkpoint + log).
 """
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -313,6 +314,52 @@ def test_restore_rolls_back_durably_and_keeps_history(tmp_path, backend):
     assert e.state_hash() == live
     with pytest.raises(EpochError):
         e.restore(99)
+    e.close()
+
+
+def test_checkpoints_are_exact_while_writes_go_on_and_a_full_writer_stalls_no_write(
+        tmp_path, backend, monkeypatch):
+    """The live arena's copy is handed to the checkpoint writer as it is made. With every writer
+    slot taken, checkpoint() copies whole under the engine's lock and waits for a slot outside it:
+    writes go on meanwhile, and every checkpoint still holds its epoch exactly."""
+    from mmsb_dist import checkpoint as ck
+
+    monkeypatch.setattr(ck.limits, "inflight_checkpoints_max", 1)
+    monkeypatch.setattr(ck.limits, "checkpoint_io_chunk_bytes", 32 << 10)  # many copy chunks
+    gate, real = threading.Event(), ck.write_checkpoint
+
+    def gated(*a, **kw):
+        assert gate.wait(60)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(ck, "write_checkpoint", gated)
+    rng = np.random.default_rng(4)
+    e = _engine(tmp_path, backend)
+    sizes = {int(p): 4096 for p in e.create_pages(64, 4096)}
+    hashes, futures = {}, {}
+    for epoch in (1, 2):
+        e.apply(random_batch(rng, sizes, 200))
+        hashes[epoch] = e.seal().state_hash
+        if epoch == 1:
+            futures[1] = e.checkpoint(wait=False)  # takes the only slot, held by the gate
+    second = threading.Thread(target=lambda: futures.__setitem__(2, e.checkpoint()))
+    second.start()
+    time.sleep(0.3)  # the second checkpoint copies, then waits for the slot
+    assert second.is_alive()
+    write = threading.Thread(target=e.apply, args=(random_batch(rng, sizes, 50),))
+    write.start()
+    write.join(30)
+    stalled = write.is_alive()  # held up by the waiting checkpoint
+    gate.set()
+    write.join(60)
+    assert not stalled
+    second.join(60)
+    assert not second.is_alive()
+    for epoch in (1, 2):
+        info = futures[epoch] if epoch == 2 else futures[epoch].result(60)
+        assert info.epoch == epoch and info.state_hash == hashes[epoch]
+        snap, _ = ck.read_checkpoint(info)  # page hashes recomputed from the bytes
+        assert snap.state_hash() == hashes[epoch]
     e.close()
 
 
