@@ -26,8 +26,9 @@ so every figure below comes from the same disk in the same run:
   restore      close the engine, drop its log segments and checkpoint files from the page cache,
                time ShardEngine(path) (newest checkpoint read + verified, PageArena.from_snapshot,
                the log's recovery scan, which hands every frame after the checkpoint's cut to the
-               replay as it verifies it; a helper thread reads, checks and decodes while the
-               opening thread applies); the reopened engine's state hash must equal the one
+               replay as it verifies it; a helper thread reads and checks the checkpoint, then
+               reads, checks and decodes the log, while the opening thread builds the arena from
+               the checkpoint, then applies); the reopened engine's state hash must equal the one
                before closing;
   replay       engine.replay(last sealed epoch) on the open engine (warm page cache: the CPU cost),
                which builds a scratch arena from the checkpoint and the suffix and checks the seal's
@@ -448,9 +449,9 @@ SUFFIX_STEPS = ("log_read_crc_warm", "control_frames", "decode_deltas", "arena_v
                 "apply_validated")
 # ShardEngine's open: a helper thread loads the checkpoint, then scans the log (the scan hands the
 # suffix over as it verifies it, so the log is read once) and decodes; the opening thread applies.
-OPEN_HELPER_STEPS = ("checkpoint_read_verify_cold", "from_snapshot", "log_recovery_scan_cold",
-                     "control_frames", "decode_deltas")
-OPEN_APPLY_STEPS = ("arena_validate", "apply_validated")
+OPEN_HELPER_STEPS = ("checkpoint_read_verify_cold", "log_recovery_scan_cold", "control_frames",
+                     "decode_deltas")
+OPEN_APPLY_STEPS = ("from_snapshot", "arena_validate", "apply_validated")
 RESTORE_STEPS = OPEN_HELPER_STEPS + OPEN_APPLY_STEPS
 
 
@@ -622,8 +623,9 @@ def main() -> int:
     print(f"  sum of restore steps {prof['restore_steps_sum_seconds']:.2f}s vs measured open "
           f"{med['restore']:.2f}s (fastest round {min(s['restore']):.2f}s); medians of "
           f"{prof['reps']} profile runs")
-    print(f"  the open overlaps them on two threads: helper (checkpoint, scan, decode) "
-          f"{prof['open_helper_steps_seconds']:.2f}s, applying thread (validate, apply) "
+    print(f"  the open overlaps them on two threads: helper (checkpoint read, scan, decode) "
+          f"{prof['open_helper_steps_seconds']:.2f}s, applying thread (from_snapshot, validate, "
+          f"apply) "
           f"{prof['open_apply_steps_seconds']:.2f}s")
     print("what-ifs (not engine code paths; bounds for changes):")
     for k, v in pw.items():

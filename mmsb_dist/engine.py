@@ -115,26 +115,28 @@ class _ReadAhead:
 
     The helper runs ``produce(put)``, which passes frames to ``put`` in LSN order (a loop over
     LogPartition.read, or a LogPartition opening with ``recover_into``); ``put`` decodes each and
-    queues it, up to limits.replay_read_ahead_bytes of payload ahead of the caller. So reading and
-    checking the log and decoding (on the helper) overlap applying (on the caller): checksums and
-    kernels release the GIL. An error producing frame k is raised when the caller reaches frame k,
-    as it would be without the helper; what ``produce`` returns is ``value`` once it is done.
+    queues it, up to ``hold_bytes`` of payload ahead of the caller; ``hand(value)`` queues any
+    other value in order with them. So reading and checking the log and decoding (on the helper)
+    overlap applying (on the caller): checksums and kernels release the GIL. An error producing
+    frame k is raised when the caller reaches frame k, as it would be without the helper; what
+    ``produce`` returns is ``value`` once it is done.
 
-    Use it as a context manager. Leaving it stops the helper: a ``put`` after that raises
-    _Stopped inside ``produce``. ``skip_rest()`` instead lets ``produce`` run to its end without
-    queueing anything more."""
+    Use it as a context manager: entering starts the helper; leaving stops it (a ``put`` after that
+    raises _Stopped inside ``produce``). ``skip_rest()`` instead lets ``produce`` run to its end
+    without queueing anything more."""
 
     _END = object()
+    HANDED = object()  # the frame slot of what ``hand`` queued
 
-    def __init__(self, produce):
+    def __init__(self, produce, hold_bytes: int | None = None):
         self.value = None
+        self._hold_bytes = limits.replay_read_ahead_bytes if hold_bytes is None else hold_bytes
         self._cond = threading.Condition()
         self._ready: deque = deque()  # (frame, decoded), then (_END, exception or None)
         self._held = 0                # payload bytes in _ready
         self._stopped = self._skipping = False
         self._thread = threading.Thread(target=self._produce, args=(produce,), daemon=True,
                                         name="mmsb-replay-read-ahead")
-        self._thread.start()
 
     def _produce(self, produce) -> None:
         end = None
@@ -156,7 +158,7 @@ class _ReadAhead:
         item = (frame, _decode_frame(frame))
         size = len(frame.payload)
         with self._cond:
-            while (self._held and self._held + size > limits.replay_read_ahead_bytes
+            while (self._held and self._held + size > self._hold_bytes
                    and not (self._stopped or self._skipping)):
                 self._cond.wait()
             if self._stopped:
@@ -166,7 +168,16 @@ class _ReadAhead:
                 self._held += size
                 self._cond.notify_all()
 
+    def hand(self, value) -> None:
+        """Queue ``value`` for the caller, in order with the frames: it gets (HANDED, value)."""
+        with self._cond:
+            if self._stopped:
+                raise _Stopped
+            self._ready.append((self.HANDED, value))
+            self._cond.notify_all()
+
     def __enter__(self) -> "_ReadAhead":
+        self._thread.start()
         return self
 
     def __iter__(self) -> Iterator[tuple[Frame, object]]:
@@ -175,7 +186,7 @@ class _ReadAhead:
                 while not self._ready:
                     self._cond.wait()
                 frame, decoded = self._ready.popleft()
-                if frame is not self._END:
+                if frame is not self._END and frame is not self.HANDED:
                     self._held -= len(frame.payload)
                     self._cond.notify_all()
             if frame is self._END:
@@ -315,17 +326,26 @@ class ShardEngine:
     def _from_checkpoint(self, at_or_before: int | None):
         """(replica, CheckpointInfo) of the newest checkpoint at or before an epoch; (empty
         replica, None) when there is none."""
+        loaded = self._read_checkpoint(at_or_before)
+        return self._replica_of(loaded), loaded[1]
+
+    def _read_checkpoint(self, at_or_before: int | None):
+        """(snapshot, CheckpointInfo) of the newest checkpoint at or before an epoch, read and
+        verified; (None, None) when there is none. _replica_of builds the replica."""
         info = ckpt.latest_checkpoint(self.checkpoints, self.shard, at_or_before,
                                       filesystem=self._fs)
+        return (None, None) if info is None else ckpt.read_checkpoint(info, filesystem=self._fs)
+
+    def _replica_of(self, loaded) -> _Replica:
+        snap, info = loaded
         if info is None:
-            return _Replica(PageArena(self.backend), {}, AppliedSeqs(), self._replica_from), None
-        snap, info = ckpt.read_checkpoint(info, filesystem=self._fs)
+            return _Replica(PageArena(self.backend), {}, AppliedSeqs(), self._replica_from)
         seals = {e: Seal(e, c, h) for e, c, h in info.extra.get("seals", [])}
         applied = AppliedSeqs.from_json(info.extra.get("applied"), info.extra.get("hwm"))
         derived = {int(c): (tuple(int(p) for p in ps), base64.b64decode(fn))
                    for c, ps, fn in info.extra.get("derived", [])}
-        return (_Replica(PageArena.from_snapshot(snap, self.backend), seals, applied,
-                         self._replica_from, derived), info)
+        return _Replica(PageArena.from_snapshot(snap, self.backend), seals, applied,
+                        self._replica_from, derived)
 
     def _check_meets_log(self, info, at_or_before: int | None, first_lsn: int,
                          next_lsn: int) -> None:
@@ -343,12 +363,15 @@ class ShardEngine:
     def _open_log(self, path: str, **log_kw) -> tuple[LogPartition, _Replica]:
         """Open the log and recover: the newest checkpoint, then every frame after its cut,
         applied as the log's open verifies it (one pass over the log; a helper thread reads and
-        decodes while this one applies)."""
-        start: dict = {}  # what the helper thread loaded: replica, info
+        verifies the checkpoint, then reads and decodes the log, while this one builds the arena
+        from the checkpoint, then applies)."""
+        start: dict = {}  # replica (built here), info (read by the helper)
 
         def produce(put):
             def recover_into(first_lsn: int):  # the log is locked and listed: load the checkpoint
-                start["replica"], start["info"] = self._from_checkpoint(None)
+                loaded = self._read_checkpoint(None)
+                start["info"] = loaded[1]
+                ahead.hand(loaded)
                 lsn = 0 if start["info"] is None else start["info"].lsn
                 # A log that does not reach back to the checkpoint: nothing to replay (refused
                 # below, once the log is open).
@@ -356,10 +379,15 @@ class ShardEngine:
             return LogPartition(path, recover_into=recover_into, **log_kw)
 
         replay_again = False
-        ahead = _ReadAhead(produce)
+        # The frames the open hands over are views of the mapped segments (page cache, not heap):
+        # the helper may run further ahead while this thread builds the arena.
+        ahead = _ReadAhead(produce, limits.open_read_ahead_bytes)
         try:
             with ahead as frames:
                 for frame, decoded in frames:
+                    if frame is _ReadAhead.HANDED:
+                        start["replica"] = self._replica_of(decoded)
+                        continue
                     if isinstance(decoded, dict) and decoded["k"] == "restore":
                         # A rollback rebuilds an earlier state from the log, which is not open
                         # yet: let the open finish, then replay from the log.

@@ -109,6 +109,10 @@ restore_hash_threads_max = 4
 # helper stops this many payload bytes ahead (always at least one frame): the memory a replay holds
 # beyond the frame it applies.
 replay_read_ahead_bytes = 32 << 20
+# The same for a shard's open, whose frames are views of the mapped log segments (page cache that
+# the kernel may drop and read again, not heap): it reads on while the arena is built from the
+# checkpoint.
+open_read_ahead_bytes = 256 << 20
 
 # ---- runtime (mmsb_dist/runtime.py) ----------------------------------------------------------------
 
