@@ -393,6 +393,23 @@ def test_read_ahead_keeps_order_bounds_what_it_holds_and_raises_in_place(monkeyp
     assert got == list(range(30))                   # everything before the bad frame, in order
 
 
+def test_read_ahead_hands_other_values_over_in_order_with_the_frames():
+    from mmsb_dist.engine import _ReadAhead
+
+    def produce(put):
+        ahead.hand("checkpoint")
+        for lsn in range(5):
+            put(_control_frame(lsn, pad=100))
+            if lsn == 2:
+                ahead.hand({"between": lsn})
+
+    ahead = _ReadAhead(produce, hold_bytes=150)  # one frame at a time
+    with ahead as frames:
+        got = [value if frame is _ReadAhead.HANDED else frame.first_lsn
+               for frame, value in frames]
+    assert got == ["checkpoint", 0, 1, 2, {"between": 2}, 3, 4]
+
+
 def test_read_ahead_stops_its_helper_when_the_caller_leaves():
     from mmsb_dist.engine import _ReadAhead
     finished = threading.Event()
