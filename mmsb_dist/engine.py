@@ -31,6 +31,7 @@ import base64
 import os
 import threading
 from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -128,9 +129,18 @@ class _ReadAhead:
     _END = object()
     HANDED = object()  # the frame slot of what ``hand`` queued
 
-    def __init__(self, produce, hold_bytes: int | None = None):
+    def __init__(self, produce, hold_bytes: int | None = None, decode_thread: bool | None = None,
+                 decode=_decode_frame):
         self.value = None
+        self._decode = decode
         self._hold_bytes = limits.replay_read_ahead_bytes if hold_bytes is None else hold_bytes
+        # Decoding on a thread of its own (a third one) takes it off the reading thread, which
+        # on a fast machine is the open's longest chain; on a small one the threads would only
+        # take turns.
+        if decode_thread is None:
+            decode_thread = _decode_thread_pays()
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="mmsb-replay-decode") \
+            if decode_thread else None
         self._cond = threading.Condition()
         self._ready: deque = deque()  # (frame, decoded), then (_END, exception or None)
         self._held = 0                # payload bytes in _ready
@@ -155,7 +165,8 @@ class _ReadAhead:
             raise _Stopped
         if self._skipping:
             return
-        item = (frame, _decode_frame(frame))
+        item = (frame, self._decoder.submit(self._decode, frame) if self._decoder else
+                self._decode(frame))
         size = len(frame.payload)
         with self._cond:
             while (self._held and self._held + size > self._hold_bytes
@@ -193,6 +204,8 @@ class _ReadAhead:
                 if decoded is not None:
                     raise decoded
                 return
+            if type(decoded) is Future:
+                decoded = decoded.result()
             yield frame, decoded
 
     def skip_rest(self) -> None:
@@ -211,6 +224,66 @@ class _ReadAhead:
             self._ready.clear()
             self._cond.notify_all()
         self._thread.join()
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True, cancel_futures=True)
+
+
+def _decode_thread_pays() -> bool:
+    return (os.cpu_count() or 1) >= limits.replay_decode_thread_cpus_min
+
+
+class _ValidateAhead:
+    """For an open that decodes on a thread of its own: that thread also checks each delta batch
+    against the page table, ahead of the applying thread (as ShardEngine.prepare does for writes),
+    and hands over (decoded, checked) where checked is (arena, its table_version, slots, dest) or
+    None. The table is the replica's arena once the applying thread has built it (``built``). A
+    control record other than a seal may change the table, so the batches after one wait until
+    the applying thread has applied it (``applied``); a validation that went stale anyway (the
+    table_version moved) or failed is made again when the batch is applied, which raises in
+    place."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._arena: PageArena | None = None
+        self._fence = -1    # LSN of the last control record decoded that may change the table
+        self._applied = -1  # the last LSN applied
+        self._closed = False
+
+    def decode(self, frame: Frame) -> tuple:
+        decoded = _decode_frame(frame)
+        if not isinstance(decoded, DeltaBatch):
+            if decoded.get("k") != "seal":
+                with self._cond:
+                    self._fence = frame.first_lsn
+            return decoded, None
+        with self._cond:
+            while not self._closed and (self._arena is None or self._applied < self._fence):
+                self._cond.wait()
+            if self._closed:
+                return decoded, None
+            arena, version = self._arena, self._arena.table_version
+        try:
+            slots, dest = arena.validate(decoded, shaped=True)
+        except MmsbError:
+            return decoded, None
+        return decoded, (arena, version, slots, dest)
+
+    def built(self, arena: PageArena) -> None:
+        with self._cond:
+            self._arena = arena
+            self._cond.notify_all()
+
+    def applied(self, last_lsn: int) -> None:
+        with self._cond:
+            self._applied = last_lsn
+            if self._fence >= 0:
+                self._cond.notify_all()
+
+    def close(self) -> None:
+        """The applying thread stopped: nothing waits for it any more."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
 
 def _put_all(frames: Iterator[Frame], put) -> None:
@@ -235,12 +308,16 @@ class _Replica:
         # the table but never runs a function: recompute results are logged as deltas.
         self.derived: dict[int, tuple[tuple[int, ...], bytes]] = derived or {}
 
-    def apply_frame(self, frame, decoded, where: str) -> None:
-        """Apply one logged frame, ``decoded`` by _decode_frame."""
+    def apply_frame(self, frame, decoded, where: str, checked: tuple | None = None) -> None:
+        """Apply one logged frame, ``decoded`` by _decode_frame; ``checked``: see _ValidateAhead."""
         if isinstance(decoded, DeltaBatch):
             batch = decoded
             try:
-                slots, dest = self.arena.validate(batch, shaped=True)
+                if (checked is not None and checked[0] is self.arena
+                        and checked[1] == self.arena.table_version):
+                    slots, dest = checked[2:]
+                else:
+                    slots, dest = self.arena.validate(batch, shaped=True)
             except MmsbError as exc:  # it applied once: the log or its replay order is damaged
                 raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
                                       f"{exc}", path=where) from exc
@@ -379,22 +456,36 @@ class ShardEngine:
             return LogPartition(path, recover_into=recover_into, **log_kw)
 
         replay_again = False
+        # With a decode thread, it validates the batches too: this thread only applies them.
+        ahead_check = _ValidateAhead() if _decode_thread_pays() else None
         # The frames the open hands over are views of the mapped segments (page cache, not heap):
         # the helper may run further ahead while this thread builds the arena.
-        ahead = _ReadAhead(produce, limits.open_read_ahead_bytes)
+        ahead = _ReadAhead(produce, limits.open_read_ahead_bytes, ahead_check is not None,
+                           ahead_check.decode if ahead_check else _decode_frame)
         try:
             with ahead as frames:
-                for frame, decoded in frames:
-                    if frame is _ReadAhead.HANDED:
-                        start["replica"] = self._replica_of(decoded)
-                        continue
-                    if isinstance(decoded, dict) and decoded["k"] == "restore":
-                        # A rollback rebuilds an earlier state from the log, which is not open
-                        # yet: let the open finish, then replay from the log.
-                        replay_again = True
-                        frames.skip_rest()
-                        break
-                    start["replica"].apply_frame(frame, decoded, path)
+                try:
+                    for frame, decoded in frames:
+                        if frame is _ReadAhead.HANDED:
+                            start["replica"] = self._replica_of(decoded)
+                            if ahead_check:
+                                ahead_check.built(start["replica"].arena)
+                            continue
+                        decoded, checked = decoded if ahead_check else (decoded, None)
+                        if isinstance(decoded, dict) and decoded["k"] == "restore":
+                            # A rollback rebuilds an earlier state from the log, which is not
+                            # open yet: let the open finish, then replay from the log.
+                            replay_again = True
+                            if ahead_check:
+                                ahead_check.close()
+                            frames.skip_rest()
+                            break
+                        start["replica"].apply_frame(frame, decoded, path, checked)
+                        if ahead_check:
+                            ahead_check.applied(frame.first_lsn + frame.lsn_count - 1)
+                finally:
+                    if ahead_check:  # before the helpers are stopped: none may wait for this one
+                        ahead_check.close()
         except BaseException:
             if ahead.value is not None:  # the open finished before the replay failed
                 ahead.value.close()

@@ -113,6 +113,9 @@ replay_read_ahead_bytes = 32 << 20
 # the kernel may drop and read again, not heap): it reads on while the arena is built from the
 # checkpoint.
 open_read_ahead_bytes = 256 << 20
+# From this many CPUs on, a replay decodes on a thread of its own (three threads: read, decode,
+# apply); below, the reading thread decodes.
+replay_decode_thread_cpus_min = 4
 
 # ---- runtime (mmsb_dist/runtime.py) ----------------------------------------------------------------
 

@@ -22,8 +22,11 @@ def _engine(tmp_path, backend, **kw):
     return ShardEngine(tmp_path / "shard", backend=backend, **kw)
 
 
-@pytest.mark.parametrize("seed", [1, 2, 3])
-def test_replay_and_time_travel_reproduce_every_sealed_epoch(tmp_path, backend, seed):
+@pytest.mark.parametrize("seed,decode_thread", [(1, False), (2, True), (3, False)])
+def test_replay_and_time_travel_reproduce_every_sealed_epoch(tmp_path, backend, seed,
+                                                             decode_thread, monkeypatch):
+    # Replays decode on a thread of their own from limits.replay_decode_thread_cpus_min CPUs on.
+    monkeypatch.setattr(limits, "replay_decode_thread_cpus_min", 1 if decode_thread else 10**6)
     rng = np.random.default_rng(seed)
     e = _engine(tmp_path, backend)
     sizes = {}
@@ -57,6 +60,55 @@ def test_replay_and_time_travel_reproduce_every_sealed_epoch(tmp_path, backend, 
         e = _engine(tmp_path, backend)
         assert e.state_hash() == live and e.last_sealed == 8
     e.validate_state()
+    e.close()
+
+
+def test_an_open_that_validates_ahead_meets_creates_frees_and_a_rollback(tmp_path, backend,
+                                                                        monkeypatch):
+    """On a machine with the CPUs for it, the open's decode thread also validates batches ahead of
+    the applying thread. Pages created and freed after the checkpoint, batches on them, and a
+    rollback record all come out as written; most batches arrive validated."""
+    from mmsb_dist import engine as engine_mod
+    monkeypatch.setattr(limits, "replay_decode_thread_cpus_min", 1)
+    rng = np.random.default_rng(12)
+    e = _engine(tmp_path, backend)
+    sizes = {int(p): 512 for p in e.create_pages(8, 512)}
+    e.apply(random_batch(rng, sizes, 20))
+    e.seal()
+    e.checkpoint()
+    for step in range(12):
+        if step % 4 == 1:
+            for p in e.create_pages(2, 64 * (step + 1)):
+                sizes[int(p)] = 64 * (step + 1)
+        if step % 4 == 3:
+            victim = sorted(sizes)[step % len(sizes)]
+            e.free_pages([victim])
+            del sizes[victim]
+        e.apply(random_batch(rng, sizes, 30))
+        if step == 5:
+            e.seal()
+    live = e.state_hash()
+    seen = {"checked": 0, "batches": 0}
+    real = engine_mod._Replica.apply_frame
+
+    def spy(self, frame, decoded, where, checked=None):
+        if isinstance(decoded, DeltaBatch):
+            seen["batches"] += 1
+            seen["checked"] += checked is not None
+        return real(self, frame, decoded, where, checked)
+
+    monkeypatch.setattr(engine_mod._Replica, "apply_frame", spy)
+    e.close()
+    e = _engine(tmp_path, backend)
+    assert e.state_hash() == live
+    assert seen["batches"] == 12 and seen["checked"] >= 6, seen
+    e.validate_state()
+    e.restore(1)                        # a rollback record in the suffix: replayed after the open
+    e.apply(random_batch(rng, {p: 512 for p in list(sizes)[:4]}, 10))
+    live = e.state_hash()
+    e.close()
+    e = _engine(tmp_path, backend)
+    assert e.state_hash() == live
     e.close()
 
 
@@ -370,7 +422,9 @@ def _control_frame(lsn: int, pad: int = 0):
                                                     pad=b"x" * pad)))
 
 
-def test_read_ahead_keeps_order_bounds_what_it_holds_and_raises_in_place(monkeypatch):
+@pytest.mark.parametrize("decode_thread", [False, True])
+def test_read_ahead_keeps_order_bounds_what_it_holds_and_raises_in_place(monkeypatch,
+                                                                          decode_thread):
     from mmsb_dist.engine import _ReadAhead
     from mmsb_dist.log import Frame
     monkeypatch.setattr(limits, "replay_read_ahead_bytes", 5000)
@@ -383,7 +437,8 @@ def test_read_ahead_keeps_order_bounds_what_it_holds_and_raises_in_place(monkeyp
         return "done"
 
     got = []
-    with pytest.raises(SerializationError), _ReadAhead(produce) as frames:
+    with pytest.raises(SerializationError), _ReadAhead(produce,
+                                                       decode_thread=decode_thread) as frames:
         for frame, decoded in frames:
             threading.Event().wait(0.002)           # a slow applier: the helper gets ahead
             # Held: at most ~5000 bytes of ~1 KiB frames, plus the one being decoded.

@@ -93,9 +93,14 @@ def _helpers_alive() -> list:
     return [t for t in threading.enumerate() if t.name.startswith("mmsb-replay")]
 
 
-def test_a_logged_batch_that_no_longer_applies_is_refused_and_frees_the_log(tmp_path):
+@pytest.mark.parametrize("decode_thread", [False, True])
+def test_a_logged_batch_that_no_longer_applies_is_refused_and_frees_the_log(tmp_path,
+                                                                             decode_thread,
+                                                                             monkeypatch):
+    from mmsb_dist import limits
     from mmsb_dist.formats import encode_deltas
     from mmsb_dist.log import LogPartition
+    monkeypatch.setattr(limits, "replay_decode_thread_cpus_min", 1 if decode_thread else 10**6)
     rng = np.random.default_rng(4)
     _build(tmp_path / "s", rng)
     with LogPartition(tmp_path / "s" / "log") as log:   # checksummed, but page 999 never existed
