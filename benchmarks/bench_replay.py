@@ -70,7 +70,7 @@ from mmsb_dist import _cpu                                   # noqa: E402
 from mmsb_dist import checkpoint as ck                       # noqa: E402
 from mmsb_dist.arena import PageArena                        # noqa: E402
 from mmsb_dist.delta import DeltaBatch                       # noqa: E402
-from mmsb_dist.engine import ShardEngine                     # noqa: E402
+from mmsb_dist.engine import ShardEngine, _decode_thread_pays  # noqa: E402
 from mmsb_dist.formats import decode_deltas, unpack_control  # noqa: E402
 from mmsb_dist.log import HEADER_BYTES, LogPartition         # noqa: E402
 
@@ -449,10 +449,21 @@ SUFFIX_STEPS = ("log_read_crc_warm", "control_frames", "decode_deltas", "arena_v
                 "apply_validated")
 # ShardEngine's open: a helper thread loads the checkpoint, then scans the log (the scan hands the
 # suffix over as it verifies it, so the log is read once) and decodes; the opening thread applies.
-OPEN_HELPER_STEPS = ("checkpoint_read_verify_cold", "log_recovery_scan_cold", "control_frames",
-                     "decode_deltas")
-OPEN_APPLY_STEPS = ("from_snapshot", "arena_validate", "apply_validated")
-RESTORE_STEPS = OPEN_HELPER_STEPS + OPEN_APPLY_STEPS
+# How the open splits the steps over its threads: with limits.replay_decode_thread_cpus_min CPUs
+# or more, a reader (checkpoint, log scan), a decoder (decode, validate) and the applying thread;
+# below, the reader decodes and the applying thread validates.
+OPEN_THREADS = {
+    3: (("reader (checkpoint read, scan)", ("checkpoint_read_verify_cold",
+                                            "log_recovery_scan_cold")),
+        ("decoder (decode, validate)", ("control_frames", "decode_deltas", "arena_validate")),
+        ("applier (from_snapshot, apply)", ("from_snapshot", "apply_validated"))),
+    2: (("reader (checkpoint read, scan, decode)", ("checkpoint_read_verify_cold",
+                                                    "log_recovery_scan_cold", "control_frames",
+                                                    "decode_deltas")),
+        ("applier (from_snapshot, validate, apply)", ("from_snapshot", "arena_validate",
+                                                      "apply_validated"))),
+}
+RESTORE_STEPS = tuple(k for _, keys in OPEN_THREADS[2] for k in keys)
 
 
 def profile(bench: Bench, reps: int) -> dict:
@@ -470,8 +481,8 @@ def profile(bench: Bench, reps: int) -> dict:
             "frames": runs[0]["frames"], "delta_frames": runs[0]["delta_frames"],
             "control_frames": runs[0]["control_frames"],
             "restore_steps_sum_seconds": sum(p[k] for k in RESTORE_STEPS),
-            "open_helper_steps_seconds": sum(p[k] for k in OPEN_HELPER_STEPS),
-            "open_apply_steps_seconds": sum(p[k] for k in OPEN_APPLY_STEPS),
+            "open_threads_seconds": {name: sum(p[k] for k in keys) for name, keys in
+                                     OPEN_THREADS[3 if _decode_thread_pays() else 2]},
             "suffix_steps_sum_seconds": sum(p[k] for k in SUFFIX_STEPS)}
 
 
@@ -547,8 +558,7 @@ def main() -> int:
         ("raw read, mmap touch (cold)", "raw_mmap", raw_b, "GB/s"),
         ("fresh memory, first touch (fill)", "fresh_memory_fill", page_b, "GB/s"),
         ("checkpoint write (engine.checkpoint)", "ckpt_write", ck_b, "GB/s"),
-        ("  arena.snapshot() copy alone (overlapped in the write)", "snapshot_copy", page_b,
-         "GB/s"),
+        ("  snapshot copy alone (overlapped)", "snapshot_copy", page_b, "GB/s"),
         ("restore + replay (ShardEngine open, cold)", "restore", raw_b, "GB/s"),
         ("restore, suffix deltas / open time", "restore", nd, "deltas/s"),
         ("engine.replay (warm), suffix deltas/s", "replay", nd, "deltas/s"),
@@ -623,10 +633,9 @@ def main() -> int:
     print(f"  sum of restore steps {prof['restore_steps_sum_seconds']:.2f}s vs measured open "
           f"{med['restore']:.2f}s (fastest round {min(s['restore']):.2f}s); medians of "
           f"{prof['reps']} profile runs")
-    print(f"  the open overlaps them on two threads: helper (checkpoint read, scan, decode) "
-          f"{prof['open_helper_steps_seconds']:.2f}s, applying thread (from_snapshot, validate, "
-          f"apply) "
-          f"{prof['open_apply_steps_seconds']:.2f}s")
+    threads = prof["open_threads_seconds"]
+    print(f"  the open overlaps them on {len(threads)} threads: "
+          + ", ".join(f"{name} {v:.2f}s" for name, v in threads.items()))
     print("what-ifs (not engine code paths; bounds for changes):")
     for k, v in pw.items():
         print(f"  {k:42} {v:7.3f}s  {prate(k, v)}")
