@@ -47,7 +47,7 @@ def scatter_variants(copy_bw):
         ev[0].record()
         be._launch_runs(arena, pay, colliding, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
         ev[1].record()
-        any_conf = int(st.counters[:1].get()[0])
+        any_conf = int(st.conf_flags.get().any())
         conf_runs = cp.empty(n, cp.uint32)
         ev[2].record()
         be._k["runs_stamp"](_gpu._grid(n), (256,), (colliding, dummy, np.int64(64), np.int64(n),
@@ -61,6 +61,7 @@ def scatter_variants(copy_bw):
         ev[4].synchronize()
         fixes = int(st.counters[1:2].get()[0])
         st.counters.fill(0)
+        st.conf_flags.fill(0)
         st.bits.fill(0)
         st.key_base += n
         ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(4)]

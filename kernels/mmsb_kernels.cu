@@ -26,9 +26,11 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 // Keeping batch order (later runs win) without sorting, optimistically:
 //   pass 1 (runs_apply, mode 1): every run writes all its bytes and marks, with atomicOr, a `seen`
 //          bit for each granule it touches; a run that finds the bit already set marks the granule
-//          in `conf` and raises `any_conf`. Both bitmaps (1 bit per granule) stay in L2. Bytes in
-//          granules that only one run touched are final after this pass: in most batches, all.
-//   pass 2 (runs_stamp), only if any_conf: in `conf` granules each run records
+//          in `conf` and raises a `conf_flags` word (one of CONF_FLAG_WORDS, picked by block: a flag
+//          that every warp with a collision stored to would serialize them all). Both bitmaps
+//          (1 bit per granule) stay in L2. Bytes in granules that only one run touched are final
+//          after this pass: in most batches, all.
+//   pass 2 (runs_stamp), only if a conf flag is up: in `conf` granules each run records
 //          key = key_base + index + 1 with atomicMax: the largest key is the last toucher.
 //   pass 3 (runs_apply, mode 2): in `conf` granules the last toucher rewrites its bytes. A run that
 //          is not the last toucher checks whether the last one covers its bytes there (then they
@@ -37,6 +39,7 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 //          need that.
 // Runs come as dest[] plus either per-run soff[]/len[] or one uniform length (soff = r * len).
 
+#define CONF_FLAG_WORDS 1024  // as _CONF_FLAG_WORDS in _gpu.py
 #define RUN_LEN(r) (ulen ? ulen : len[r])
 #define RUN_SRC(r) (ulen ? (r) * ulen : soff[r])
 
@@ -111,20 +114,20 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
 // mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3, over
-// the n runs listed in conf_runs. counters = [any_conf, fixups, listed runs]. (The host reads the
-// counters between passes: threads that all read one address would serialize on it.)
+// the n runs listed in conf_runs. counters = [unused, fixups, listed runs]. (The host reads the
+// counters and conf_flags between passes: threads that all read one address would serialize on
+// it.)
 extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
                                       const i64* __restrict__ dest, const i64* __restrict__ soff,
                                       const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
                                       int mode, u32 key_base, const u32* __restrict__ stamp,
                                       u32* __restrict__ seen, u32* __restrict__ conf,
                                       u32* __restrict__ counters, const u32* __restrict__ conf_runs,
-                                      int gshift, u8* fixflag) {
+                                      int gshift, u8* fixflag, u32* __restrict__ conf_flags) {
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     i64 r = t >> lanes_log2;
     if (r >= n) return;
     if (mode == 2) r = conf_runs[r];
-    u32* any_conf = counters;
     u32* fixcount = counters + 1;
     int lane = (int)(t & ((1 << lanes_log2) - 1));
     int lanes = 1 << lanes_log2;
@@ -139,9 +142,10 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
                 collided = true;
             }
         }
-        // One store per warp that saw a collision (stores to one address serialize too).
+        // One store per warp that saw a collision, to its block's flag word.
         u32 voters = __ballot_sync(__activemask(), collided);
-        if (voters && (threadIdx.x & 31) == __ffs(voters) - 1) *any_conf = 1u;
+        if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
+            conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
     }
     bool vec = ((d | s) & 15) == 0;
     for (i64 c = (i64)lane * 16; c < L; c += (i64)lanes * 16) {

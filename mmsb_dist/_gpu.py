@@ -22,6 +22,7 @@ _GSHIFT = int(math.log2(limits.scatter_granule_bytes))
 _KERNELS = ("runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
+_CONF_FLAG_WORDS = 1024  # as CONF_FLAG_WORDS in the .cu file
 
 
 class ScatterState:
@@ -38,7 +39,10 @@ class ScatterState:
         self.seen, self.conf = self.bits[:words], self.bits[words:]
         self.stamp = cp.zeros(granules, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
-        self.counters = cp.zeros(3, cp.uint32)  # [any_conf, fixcount, listed runs]
+        self.counters = cp.zeros(3, cp.uint32)  # [unused, fixcount, listed runs]
+        # Pass 1 raises one of these words when a granule was touched twice (spread out: one
+        # word would serialize the stores of every warp that saw a collision).
+        self.conf_flags = cp.zeros(_CONF_FLAG_WORDS, cp.uint32)
         self.key_base = 0
         self.fixups = 0  # batches that needed the fixup pass (statistics)
 
@@ -160,7 +164,7 @@ class CupyBackend(Backend):
         ld = self._dummy64 if ld is None else ld
         run = dict(ulen=ulen, state=state, maxlen=maxlen)
         self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
-        if int(state.counters[:1].get()[0]):  # some granule was touched twice: order it
+        if state.conf_flags.get().any():  # some granule was touched twice: order it
             conf_runs = cp.empty(n, cp.uint32)
             self._k["runs_stamp"](_grid(min(n, 1 << 22)), (_BLOCK,),
                                   (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
@@ -172,6 +176,7 @@ class CupyBackend(Backend):
             if int(state.counters[1:2].get()[0]):
                 self._fixup(arena, payload, dd, sd, ld, ulen, fixup_bound, state)
             state.counters.fill(0)
+            state.conf_flags.fill(0)
         state.bits.fill(0)
         state.key_base += n
 
@@ -188,7 +193,7 @@ class CupyBackend(Backend):
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
              st.counters if st else self._dummy_counters,
              d32 if conf_runs is None else conf_runs, np.int32(_GSHIFT),
-             st.fixflag if st else self._dummy8))
+             st.fixflag if st else self._dummy8, st.conf_flags if st else d32))
 
     def _fixup(self, arena, payload, dd, sd, ld, ulen, bound, state) -> None:
         """Replay in order every run touching a flagged granule, clipped to that granule."""
