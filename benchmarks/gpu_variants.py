@@ -31,7 +31,8 @@ def scatter_variants(copy_bw):
     for lanes_log2 in (2, 1, 0):
         args = (arena, pay, distinct, dummy, dummy, np.int64(64), np.int64(n),
                 np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
-                be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8)
+                be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8,
+                be._dummy32)
         t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
         print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
               f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
@@ -54,12 +55,12 @@ def scatter_variants(copy_bw):
                                                      np.uint32(st.key_base), st.stamp, st.conf,
                                                      st.counters, conf_runs, np.int32(6)))
         ev[3].record()
-        listed = int(st.counters[2:].get()[0])
+        listed = int(st.counters[1:].get()[0])
         be._launch_runs(arena, pay, colliding, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
                         conf_runs=conf_runs, listed=listed)
         ev[4].record()
         ev[4].synchronize()
-        fixes = int(st.counters[1:2].get()[0])
+        fixes = int(st.counters[:1].get()[0])
         st.counters.fill(0)
         st.conf_flags.fill(0)
         st.bits.fill(0)

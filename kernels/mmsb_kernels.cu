@@ -73,7 +73,7 @@ extern "C" __global__ void runs_stamp(const i64* __restrict__ dest, const i64* _
         __syncthreads();
         u32 slot = hit ? atomicAdd(&block_hits, 1u) : 0u;
         __syncthreads();
-        if (threadIdx.x == 0 && block_hits) block_base = atomicAdd(&counters[2], block_hits);
+        if (threadIdx.x == 0 && block_hits) block_base = atomicAdd(&counters[1], block_hits);
         __syncthreads();
         if (hit) conf_runs[block_base + slot] = (u32)r;
         __syncthreads();
@@ -114,7 +114,7 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
 // mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3, over
-// the n runs listed in conf_runs. counters = [unused, fixups, listed runs]. (The host reads the
+// the n runs listed in conf_runs. counters = [fixups, listed runs]. (The host reads the
 // counters and conf_flags between passes: threads that all read one address would serialize on
 // it.)
 extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
@@ -128,7 +128,7 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
     i64 r = t >> lanes_log2;
     if (r >= n) return;
     if (mode == 2) r = conf_runs[r];
-    u32* fixcount = counters + 1;
+    u32* fixcount = counters;
     int lane = (int)(t & ((1 << lanes_log2) - 1));
     int lanes = 1 << lanes_log2;
     i64 d = dest[r], s = RUN_SRC(r), L = RUN_LEN(r);

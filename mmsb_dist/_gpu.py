@@ -1,8 +1,9 @@
 """CuPy backend: the kernels of ``kernels/mmsb_kernels.cu`` on one CUDA device.
 
 Index arrays arrive on the host (int64) and go to the device in one copy per call; payloads are
-uploaded once per batch by the arena. One kernel launch per batch and kernel kind; the only host
-synchronization in a run scatter is reading the fixup counter (see ``runs_stamp`` in the .cu file).
+uploaded once per batch by the arena. One kernel launch per batch and kernel kind; a run scatter
+waits for the device once when no granule collided (to read the conflict flags) and three times
+when some did (see ``runs_stamp`` in the .cu file).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class ScatterState:
         self.seen, self.conf = self.bits[:words], self.bits[words:]
         self.stamp = cp.zeros(granules, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
-        self.counters = cp.zeros(3, cp.uint32)  # [unused, fixcount, listed runs]
+        self.counters = cp.zeros(2, cp.uint32)  # [fixcount, listed runs]
         # Pass 1 raises one of these words when a granule was touched twice (spread out: one
         # word would serialize the stores of every warp that saw a collision).
         self.conf_flags = cp.zeros(_CONF_FLAG_WORDS, cp.uint32)
@@ -96,7 +97,7 @@ class CupyBackend(Backend):
         self._k = {name: module.get_function(name) for name in _KERNELS}
         self._dummy32 = cp.zeros(1, cp.uint32)
         self._dummy64 = cp.zeros(1, cp.int64)
-        self._dummy_counters = cp.zeros(3, cp.uint32)
+        self._dummy_counters = cp.zeros(2, cp.uint32)
         self._dummy8 = cp.zeros(1, cp.uint8)
 
     # ---- memory --------------------------------------------------------------------------------
@@ -170,10 +171,10 @@ class CupyBackend(Backend):
                                   (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
                                    state.stamp, state.conf, state.counters, conf_runs,
                                    np.int32(_GSHIFT)))
-            listed = int(state.counters[2:].get()[0])
+            listed = int(state.counters[1:].get()[0])
             self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs,
                               listed=listed, **run)
-            if int(state.counters[1:2].get()[0]):
+            if int(state.counters[:1].get()[0]):
                 self._fixup(arena, payload, dd, sd, ld, ulen, fixup_bound, state)
             state.counters.fill(0)
             state.conf_flags.fill(0)

@@ -519,7 +519,7 @@ class PageArena:
 
         def copy(fill: SnapshotFill) -> None:
             if on_host:
-                for a, b in _chunks(starts, limits.checkpoint_io_chunk_bytes):
+                for a, b in page_chunks(starts, limits.checkpoint_io_chunk_bytes):
                     self.backend.copy_runs(staging, starts[a:b], self._buf, offsets[a:b],
                                            sizes[a:b])
                     fill.advance(int(starts[b]))
@@ -569,7 +569,7 @@ class PageArena:
         assert not np.intersect1d(free, offs).size, "a free extent is also live"
 
 
-def _chunks(starts: np.ndarray, chunk: int) -> list[tuple[int, int]]:
+def page_chunks(starts: np.ndarray, chunk: int) -> list[tuple[int, int]]:
     """Consecutive groups [a, b) of the pages laid out at ``starts`` (n+1 offsets), each ending at
     the first page end at or past a multiple of ``chunk`` bytes (a larger page is a group)."""
     n = starts.size - 1

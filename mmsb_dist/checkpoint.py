@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from mmsb_dist import _cpu, limits
-from mmsb_dist.arena import DTYPES, ArenaSnapshot
+from mmsb_dist.arena import DTYPES, ArenaSnapshot, page_chunks
 from mmsb_dist.formats import _schema
 from mmsb_dist.backend import get_backend
 from mmsb_dist.errors import CorruptionError, EpochError, MmsbError, SerializationError
@@ -523,12 +523,10 @@ def _crc_and_hashes(buf: np.ndarray, snap: ArenaSnapshot | None, layout: _Layout
     starts, sizes, n = snap.starts, snap.sizes, snap.page_ids.size
     out = np.empty(n, np.uint64)
     chunk = limits.checkpoint_io_chunk_bytes
-    cuts = np.append(np.searchsorted(starts, np.arange(0, starts[-1], chunk)), n)
-    cuts = cuts[np.append(True, cuts[1:] != cuts[:-1])]  # a page larger than a chunk: one group
     crc = crc32c.crc32c(view[:data_at])
     with ThreadPoolExecutor(1, thread_name_prefix="mmsb-restore-hash") as pool:
         pending = []
-        for a, b in zip(cuts[:-1].tolist(), cuts[1:].tolist()):
+        for a, b in page_chunks(starts, chunk):  # a page larger than a chunk: one group
             crc = crc32c.crc32c(view[data_at + int(starts[a]):data_at + int(starts[b])], crc)
             pending.append(pool.submit(_hash_pages, snap.data, starts, sizes, a, b, out))
         crc = crc32c.crc32c(view[data_at + int(starts[-1]):], crc)

@@ -89,10 +89,16 @@ class Prepared:
     checked: tuple | None = None  # (arena, its table_version, slots, dest): validated then
 
     def validation(self, arena: PageArena) -> tuple | None:
-        """(slots, dest) from prepare, if it validated against ``arena`` and that page table has
-        not changed since (no create or free); else None: validate again."""
-        c = self.checked
-        return c[2:] if c and c[0] is arena and c[1] == arena.table_version else None
+        """(slots, dest) from prepare, if still valid for ``arena`` (see _still_valid)."""
+        return _still_valid(self.checked, arena)
+
+
+def _still_valid(checked: tuple | None, arena: PageArena) -> tuple | None:
+    """(slots, dest) of ``checked`` = (arena, its table_version, slots, dest), a validation made
+    earlier, if it was made against ``arena`` and that page table has not changed since (no create
+    or free); else None: validate again."""
+    c = checked
+    return c[2:] if c and c[0] is arena and c[1] == arena.table_version else None
 
 
 _EMPTY_SEAL = Seal(0, 0, 0)  # epoch 0: no pages (the combined hash of no pages is 0)
@@ -233,16 +239,17 @@ def _decode_thread_pays() -> bool:
 
 
 class _ValidateAhead:
-    """For an open that decodes on a thread of its own: that thread also checks each delta batch
-    against the page table, ahead of the applying thread (as ShardEngine.prepare does for writes),
-    and hands over (decoded, checked) where checked is (arena, its table_version, slots, dest) or
-    None. The table is the replica's arena once the applying thread has built it (``built``). A
-    control record other than a seal may change the table, so the batches after one wait until
-    the applying thread has applied it (``applied``); a validation that went stale anyway (the
-    table_version moved) or failed is made again when the batch is applied, which raises in
-    place."""
+    """The open's decoding: ``decode(frame)`` gives (decoded, checked). ``active`` (the open
+    decodes on a thread of its own): that thread also checks each delta batch against the page
+    table, ahead of the applying thread (as ShardEngine.prepare does for writes), and checked is
+    (arena, its table_version, slots, dest) or None (always None when not active). The table is
+    the replica's arena once the applying thread has built it (``built``). A control record other
+    than a seal may change the table, so the batches after one wait until the applying thread has
+    applied it (``applied``); a validation that went stale anyway (the table_version moved) or
+    failed is made again when the batch is applied, which raises in place."""
 
-    def __init__(self):
+    def __init__(self, active: bool):
+        self.active = active
         self._cond = threading.Condition()
         self._arena: PageArena | None = None
         self._fence = -1    # LSN of the last control record decoded that may change the table
@@ -251,6 +258,8 @@ class _ValidateAhead:
 
     def decode(self, frame: Frame) -> tuple:
         decoded = _decode_frame(frame)
+        if not self.active:
+            return decoded, None
         if not isinstance(decoded, DeltaBatch):
             if decoded.get("k") != "seal":
                 with self._cond:
@@ -313,11 +322,8 @@ class _Replica:
         if isinstance(decoded, DeltaBatch):
             batch = decoded
             try:
-                if (checked is not None and checked[0] is self.arena
-                        and checked[1] == self.arena.table_version):
-                    slots, dest = checked[2:]
-                else:
-                    slots, dest = self.arena.validate(batch, shaped=True)
+                slots, dest = (_still_valid(checked, self.arena)
+                               or self.arena.validate(batch, shaped=True))
             except MmsbError as exc:  # it applied once: the log or its replay order is damaged
                 raise CorruptionError(f"logged batch at LSN {frame.first_lsn} no longer applies: "
                                       f"{exc}", path=where) from exc
@@ -381,8 +387,8 @@ class ShardEngine:
         self._closed = False
         self._failure: BaseException | None = None  # an overlapped log write failed: see apply_many
         self._watch: dict[int, list[int]] = {}  # parent here -> shards with children of it
-        self._remote: dict[int, np.ndarray] = {}  # latest bytes seen of parents on other shards
-        self._remote_keys: dict[int, tuple[int, int]] = {}  # ... and their keys (_keyed)
+        # Parents on other shards: page -> (key, bytes) of the newest value seen (see _keyed).
+        self._remote: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
         self._outbox: dict[int, dict[int, tuple]] = {}  # shard -> {parent: (key, bytes)} to send
         # Orders this shard's page versions across restores and restarts (see _keyed): the LSN at
         # which the live state's timeline began.
@@ -457,35 +463,30 @@ class ShardEngine:
 
         replay_again = False
         # With a decode thread, it validates the batches too: this thread only applies them.
-        ahead_check = _ValidateAhead() if _decode_thread_pays() else None
+        check = _ValidateAhead(_decode_thread_pays())
         # The frames the open hands over are views of the mapped segments (page cache, not heap):
         # the helper may run further ahead while this thread builds the arena.
-        ahead = _ReadAhead(produce, limits.open_read_ahead_bytes, ahead_check is not None,
-                           ahead_check.decode if ahead_check else _decode_frame)
+        ahead = _ReadAhead(produce, limits.open_read_ahead_bytes, check.active, check.decode)
         try:
             with ahead as frames:
                 try:
-                    for frame, decoded in frames:
-                        if frame is _ReadAhead.HANDED:
-                            start["replica"] = self._replica_of(decoded)
-                            if ahead_check:
-                                ahead_check.built(start["replica"].arena)
+                    for frame, item in frames:
+                        if frame is _ReadAhead.HANDED:  # the checkpoint, read by the helper
+                            start["replica"] = self._replica_of(item)
+                            check.built(start["replica"].arena)
                             continue
-                        decoded, checked = decoded if ahead_check else (decoded, None)
+                        decoded, checked = item
                         if isinstance(decoded, dict) and decoded["k"] == "restore":
                             # A rollback rebuilds an earlier state from the log, which is not
                             # open yet: let the open finish, then replay from the log.
                             replay_again = True
-                            if ahead_check:
-                                ahead_check.close()
+                            check.close()
                             frames.skip_rest()
                             break
                         start["replica"].apply_frame(frame, decoded, path, checked)
-                        if ahead_check:
-                            ahead_check.applied(frame.first_lsn + frame.lsn_count - 1)
+                        check.applied(frame.first_lsn + frame.lsn_count - 1)
                 finally:
-                    if ahead_check:  # before the helpers are stopped: none may wait for this one
-                        ahead_check.close()
+                    check.close()  # before the helpers are stopped: none may wait for this one
         except BaseException:
             if ahead.value is not None:  # the open finished before the replay failed
                 ahead.value.close()
@@ -873,7 +874,10 @@ class ShardEngine:
         ``recompute``'s ``remote``. The key orders the page's values (see ``_keyed``)."""
         with self._lock:
             self._check_open()
-            return self._keyed(page_ids, self.arena.read_many(page_ids))
+            return self._read_keyed(page_ids)
+
+    def _read_keyed(self, page_ids) -> list[tuple[tuple[int, int], np.ndarray]]:
+        return self._keyed(page_ids, self.arena.read_many(page_ids))
 
     def _keyed(self, page_ids, values) -> list[tuple[tuple[int, int], np.ndarray]]:
         """Each value of ``page_ids`` with its key (generation, version): eager messages may
@@ -901,10 +905,8 @@ class ShardEngine:
         remote = self._unpack_remote(remote or {})
         with self._lock:
             self._check_open()
-            for p, (k, v) in remote.items():
-                self._remote[p], self._remote_keys[p] = v, k
-            return self._recompute([int(c) for c in children],
-                                   {p: v for p, (_, v) in remote.items()}, barrier=True)
+            self._remote.update(remote)
+            return self._recompute([int(c) for c in children], remote, barrier=True)
 
     def remote_changed(self, values: dict) -> dict:
         """Parents on other shards changed (eager propagation, ``take_outbox``'s page -> (key,
@@ -914,9 +916,9 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             newer = [p for p, (k, _) in values.items()
-                     if p not in self._remote_keys or k > self._remote_keys[p]]
+                     if p not in self._remote or k > self._remote[p][0]]
             for p in newer:
-                self._remote_keys[p], self._remote[p] = values[p]
+                self._remote[p] = values[p]
             order = self._local_downstream(newer) if newer else None
             return self._recompute(order, self._remote, barrier=False) if order else \
                 {"changed": 0, "errors": []}
@@ -957,8 +959,7 @@ class ShardEngine:
             return
         watched = [p for p in hit if p in self._watch]
         if watched:
-            self._queue_remote(dict(zip(watched, self._keyed(watched,
-                                                             self.arena.read_many(watched)))))
+            self._queue_remote(dict(zip(watched, self._read_keyed(watched))))
         order = self._local_downstream(hit)
         if order:
             self._recompute(order, self._remote, barrier=False)
@@ -982,9 +983,10 @@ class ShardEngine:
                 self._outbox.setdefault(s, {})[p] = v
 
     def _recompute(self, order: list[int], remote: dict, *, barrier: bool) -> dict:
-        """Recompute ``order`` (topological) and log what changed. ``barrier``: a parent that is
-        not available is an error (eagerly, the child just waits for the barrier), and no eager
-        messages are queued (the barrier carries values across shards itself)."""
+        """Recompute ``order`` (topological) and log what changed; ``remote``: page -> (key,
+        bytes) of parents on other shards. ``barrier``: a parent that is not available is an
+        error (eagerly, the child just waits for the barrier), and no eager messages are queued
+        (the barrier carries values across shards itself)."""
         from mmsb_dist.graph import Recompute, evaluate
 
         arena, be = self.arena, self.backend
@@ -1006,7 +1008,7 @@ class ShardEngine:
                         off, size, _ = where[p]
                         v = buf[off:off + size]
                     elif p in remote:
-                        v = be.upload(remote[p])
+                        v = be.upload(remote[p][1])
                     else:
                         break
                 args.append(v)
@@ -1038,11 +1040,11 @@ class ShardEngine:
                 pieces.append(xp.zeros(pad, xp.uint8))
         new_all = xp.concatenate(pieces)
         rows, host = self._log_recompute(ids, old_all, new_all, starts, sizes)
-        watched = [ids[r] for r in rows if ids[r] in self._watch]
+        watched = [r for r in rows if ids[r] in self._watch]
         if watched and not barrier:
-            self._queue_remote(dict(zip(watched, self._keyed(
-                watched, [host[starts[r]:starts[r] + sizes[r]] for r in rows
-                          if ids[r] in self._watch]))))
+            pages = [ids[r] for r in watched]
+            self._queue_remote(dict(zip(pages, self._keyed(
+                pages, [host[starts[r]:starts[r] + sizes[r]] for r in watched]))))
         return {"changed": len(rows), "errors": errors}
 
     def _log_recompute(self, ids, old_all, new_all, starts, sizes) -> tuple:
