@@ -115,6 +115,31 @@ def _dict_table(n: int, size: int) -> dict:
     return table
 
 
+_CEILING_SRC = r"""
+// What this device does for random 64-byte writes of sequentially read bytes with nothing else
+// to do: run r goes to slot (r * odd) mod 2^k (a bijection, so the slots are distinct), computed
+// rather than read; 4 threads per run, 16 bytes each. With read == 0 it only writes.
+extern "C" __global__ void ceiling(uint4* dst, const uint4* src, long long n, unsigned mask,
+                                   int read) {
+    long long t = blockIdx.x * (long long)blockDim.x + threadIdx.x;
+    if ((t >> 2) >= n) return;
+    unsigned slot = ((unsigned)(t >> 2) * 2654435761u) & mask;
+    dst[(long long)slot * 4 + (t & 3)] = read ? src[t] : make_uint4((unsigned)t, 1u, 2u, 3u);
+}
+"""
+
+
+def scatter_ceiling(arena, pay, n: int, read: bool = True):
+    """A launcher of the ceiling kernel: n runs of 64 bytes from ``pay`` (or none, when not
+    ``read``) to distinct computed 64-byte slots of ``arena`` (a power-of-two size)."""
+    import cupy as cp
+
+    kernel = cp.RawModule(code=_CEILING_SRC).get_function("ceiling")
+    mask = np.uint32(arena.size // 64 - 1)
+    return lambda: kernel(((4 * n + 255) // 256,), (256,),
+                          (arena, pay, np.int64(n), mask, np.int32(read)))
+
+
 def bench_gpu(quick: bool) -> dict:
     import cupy as cp
 
@@ -156,16 +181,22 @@ def bench_gpu(quick: bool) -> dict:
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
 
+    pairs = {id(dd): _gpu._granule_span(dd, ld), id(dd_distinct): _gpu._granule_span(dd_distinct, ld)}
+
     def scatter(dest, general=False, target=arena, st=state):
         be.scatter_device(target, dest, sd if general else None, ld if general else None, pay,
-                          st, maxlen=64, ulen=0 if general else 64, fixup_bound=2 * n)
+                          st, maxlen=64, ulen=0 if general else 64, granule_pairs=pairs[id(dest)],
+                          run_bytes=64 * n)
 
     t_scatter = timed(lambda: scatter(dd))
     t_distinct = timed(lambda: scatter(dd_distinct))
     t_general = timed(lambda: scatter(dd, general=True))
-    # The floor: the same copy with no ordering work at all (what a scatter costs if overlapping
-    # runs could land in any order) -- shows what keeping batch order costs.
-    t_floor = timed(lambda: be._launch_runs(arena, pay, dd, sd, ld, mode=0, maxlen=64))
+    # The floor: the same copy of the distinct runs with no ordering work at all -- shows what
+    # keeping batch order costs. The ceiling: what this device does for a sequential 64-byte read
+    # and a random 64-byte write with no destination to read and no order to keep.
+    t_floor = timed(lambda: be._launch_runs(arena, pay, dd_distinct, sd, ld, mode=0, maxlen=64,
+                                            ulen=64))
+    t_ceiling = timed(scatter_ceiling(arena, pay, n))
     scatter_bytes = 2 * n * 64  # payload read + arena write
     rows = arena.reshape(-1, 64)
     pay_rows = pay.reshape(-1, 64)
@@ -198,6 +229,8 @@ def bench_gpu(quick: bool) -> dict:
                                      "fraction_of_copy": scatter_bytes / t_distinct / copy_bw},
         "run_scatter_64B_unordered_floor": {"s": t_floor, "deltas_per_s": n / t_floor,
                                             "fraction_of_copy": scatter_bytes / t_floor / copy_bw},
+        "random_64B_write_ceiling": {"s": t_ceiling, "deltas_per_s": n / t_ceiling,
+                                     "fraction_of_copy": scatter_bytes / t_ceiling / copy_bw},
         "run_scatter_64B_general": {"s": t_general, "deltas_per_s": n / t_general,
                                     "fraction_of_copy": scatter_bytes / t_general / copy_bw},
         "cupy_fancy_rows": {"s": t_fancy_rows, "deltas_per_s": n / t_fancy_rows,
@@ -230,7 +263,8 @@ def _table(res: dict) -> str:
         lines.append(f"{'GPU 64B run scatter (GB/s payload r+w)':44s} {s['GBps']:16.1f} "
                      f"{g['copy']['GBps']:17.1f} copy {s['fraction_of_copy']:8.2%}")
         for key, label in (("run_scatter_64B_distinct", "distinct slots"),
-                           ("run_scatter_64B_unordered_floor", "unordered floor"),
+                           ("run_scatter_64B_unordered_floor", "distinct, unordered"),
+                           ("random_64B_write_ceiling", "device ceiling"),
                            ("run_scatter_64B_general", "per-run offsets/lengths")):
             v = g[key]
             lines.append(f"{'GPU 64B run scatter, ' + label:44s} {v['deltas_per_s']:16.3e} "

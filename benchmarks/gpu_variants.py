@@ -1,6 +1,7 @@
-"""Kernel tuning aid (GPU only): times compile-time variants of the masked merge side by side with
-a device copy, in one process. Not part of the product's benchmark suite; kept so that a tuning
-result can be reproduced. Usage: python benchmarks/gpu_variants.py"""
+"""Kernel tuning aid (GPU only): times the run scatter's ceilings and passes and compile-time
+variants of the masked merge side by side with a device copy, in one process. Not part of the
+product's benchmark suite; kept so that a tuning result can be reproduced.
+Usage: python benchmarks/gpu_variants.py"""
 
 
 import cupy as cp
@@ -10,11 +11,14 @@ from mmsb_dist.kernels import cuda_source
 
 
 from _common import gpu_timed as timed  # noqa: E402  (benchmarks/ is on sys.path)
+from bench_kernels import scatter_ceiling  # noqa: E402
 
 
 def scatter_variants(copy_bw):
-    """The unordered run copy (mode 0) of 64-byte runs with 1, 2 or 4 chunks of 16 bytes per
-    thread, and the ordered scatter, on distinct and on colliding slots."""
+    """The hardware's ceiling for random 64-byte writes (no index read; no payload read either),
+    the unordered run copy (mode 0) of 64-byte runs with 1, 2 or 4 chunks of 16 bytes per
+    thread, and the ordered scatter, pass by pass, on distinct and on colliding slots."""
+    from mmsb_dist import _gpu
     from mmsb_dist.backend import get_backend
 
     be = get_backend("cupy")
@@ -23,6 +27,12 @@ def scatter_variants(copy_bw):
     rng = cp.random.default_rng(1)
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
+    t = timed(scatter_ceiling(arena, pay, n, read=False))
+    print(f"ceiling, random 64B writes only: {n / t / 1e9:6.2f} G runs/s, {64 * n / t / 1e9:7.1f} "
+          f"GB/s ({64 * n / t / copy_bw:6.1%} of copy, writes alone)")
+    t = timed(scatter_ceiling(arena, pay, n))
+    print(f"ceiling, sequential read + random 64B write, no index: {n / t / 1e9:6.2f} G runs/s "
+          f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
     host = np.random.default_rng(2)
     distinct = cp.asarray(host.permutation(nbytes // 64)[:n] * 64).astype(cp.int64)
     colliding = cp.asarray(host.integers(0, nbytes // 64, n) * 64).astype(cp.int64)
@@ -40,39 +50,39 @@ def scatter_variants(copy_bw):
     t = timed(lambda: (be._launch_runs(arena, pay, distinct, dummy, dummy, mode=1, maxlen=64,
                                        ulen=64, state=state), state.bits.fill(0)))
     print(f"scatter pass 1 only (write + mark), distinct: {n / t / 1e9:6.2f} G runs/s")
-    # Each pass of the ordered scatter on colliding slots, timed alone.
-    from mmsb_dist import _gpu
-    st = be.scatter_state(nbytes)
-    ev = [cp.cuda.Event() for _ in range(5)]
-    for rep in range(3):
-        ev[0].record()
-        be._launch_runs(arena, pay, colliding, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
-        ev[1].record()
-        any_conf = int(st.conf_flags.get().any())
-        conf_runs = cp.empty(n, cp.uint32)
-        ev[2].record()
-        be._k["runs_stamp"](_gpu._grid(n), (256,), (colliding, dummy, np.int64(64), np.int64(n),
-                                                     np.uint32(st.key_base), st.stamp, st.conf,
-                                                     st.counters, conf_runs, np.int32(6)))
-        ev[3].record()
-        listed = int(st.counters[1:].get()[0])
-        be._launch_runs(arena, pay, colliding, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
-                        conf_runs=conf_runs, listed=listed)
-        ev[4].record()
-        ev[4].synchronize()
-        fixes = int(st.counters[:1].get()[0])
-        st.counters.fill(0)
-        st.conf_flags.fill(0)
-        st.bits.fill(0)
-        st.key_base += n
-        ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(4)]
-        print(f"colliding passes (ms): pass1 {ms[0]:.3f} sync {ms[1]:.3f} pass2 {ms[2]:.3f} "
-              f"sync {ms[3]:.3f}  any_conf={any_conf} listed={listed} fixups={fixes}")
+    # Each pass of the ordered scatter, timed alone.
+    ev = [cp.cuda.Event() for _ in range(4)]
     for label, dest in (("distinct", distinct), ("colliding", colliding)):
-        t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, state, maxlen=64, ulen=64,
-                                            fixup_bound=2 * n))
-        print(f"scatter ordered, {label:9s}: {n / t / 1e9:6.2f} G runs/s "
-              f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+        st = be.scatter_state(nbytes)
+        for rep in range(3):
+            ev[0].record()
+            be._launch_runs(arena, pay, dest, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
+            ev[1].record()
+            conf_runs = cp.empty(n, cp.uint32)
+            be._k["runs_stamp"](be._resident_grid(n), (256,),
+                                (dest, dummy, np.int64(64), np.int64(n), np.uint32(st.key_base),
+                                 st.stamp, st.conf, st.counters, conf_runs, np.int32(6),
+                                 st.conf_flags))
+            ev[2].record()
+            be._launch_runs(arena, pay, dest, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
+                            conf_runs=conf_runs)
+            ev[3].record()
+            ev[3].synchronize()
+            listed, fixes = int(st.counters[1]), int(st.counters[0])
+            st.bits.fill(0)
+            st.key_base += n
+            ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(3)]
+            print(f"{label} passes (ms): pass1 {ms[0]:.3f} stamp {ms[1]:.3f} rewrite {ms[2]:.3f}"
+                  f"  listed={listed} fixups={fixes}")
+        pairs = _gpu._granule_span(dest, cp.full(n, 64, cp.int64))
+        default = _gpu._CHUNKS_PER_LANE
+        for per_lane in (1, 2, 1, 2):
+            _gpu._CHUNKS_PER_LANE = per_lane
+            t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, state, maxlen=64,
+                                                ulen=64, granule_pairs=pairs, run_bytes=64 * n))
+            print(f"scatter ordered, {label:9s}, {per_lane} chunk(s)/thread: {n / t / 1e9:6.2f} G "
+                  f"runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+        _gpu._CHUNKS_PER_LANE = default
 
 
 def main():

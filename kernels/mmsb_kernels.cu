@@ -29,14 +29,17 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 //          in `conf` and raises a `conf_flags` word (one of CONF_FLAG_WORDS, picked by block: a flag
 //          that every warp with a collision stored to would serialize them all). Both bitmaps
 //          (1 bit per granule) stay in L2. Bytes in granules that only one run touched are final
-//          after this pass: in most batches, all.
-//   pass 2 (runs_stamp), only if a conf flag is up: in `conf` granules each run records
-//          key = key_base + index + 1 with atomicMax: the largest key is the last toucher.
-//   pass 3 (runs_apply, mode 2): in `conf` granules the last toucher rewrites its bytes. A run that
-//          is not the last toucher checks whether the last one covers its bytes there (then they
-//          are right already); if not, the granule is flagged, and the host replays, in order, every
-//          run touching a flagged granule, clipped to it (runs_fix_*). Whole-granule writes never
-//          need that.
+//          after this pass: in most batches, all. A lane issues its first mark before its copy and
+//          looks at the answer after it, so the two round trips overlap.
+//   pass 2 (runs_stamp): returns at once unless a conf flag is up; else in `conf` granules each
+//          run records key = key_base + index + 1 with atomicMax: the largest key is the last
+//          toucher. It lists those runs and counts them in counters[1].
+//   pass 3 (runs_apply, mode 2, over the counters[1] listed runs; none if pass 2 returned): in
+//          `conf` granules the last toucher rewrites its bytes. A run that is not the last toucher
+//          checks whether the last one covers its bytes there (then they are right already); if
+//          not, the granule is flagged, and the host replays, in order, every run touching a
+//          flagged granule, clipped to it (runs_fix_*). Whole-granule writes never need that, so
+//          for them the host never waits for the device: every decision is taken on the device.
 // Runs come as dest[] plus either per-run soff[]/len[] or one uniform length (soff = r * len).
 
 #define CONF_FLAG_WORDS 1024  // as _CONF_FLAG_WORDS in _gpu.py
@@ -50,8 +53,12 @@ __device__ __forceinline__ bool bit_of(const u32* __restrict__ bits, i64 g) {
 extern "C" __global__ void runs_stamp(const i64* __restrict__ dest, const i64* __restrict__ len,
                                       i64 ulen, i64 n, u32 key_base, u32* __restrict__ stamp,
                                       const u32* __restrict__ conf, u32* __restrict__ counters,
-                                      u32* __restrict__ conf_runs, int gshift) {
+                                      u32* __restrict__ conf_runs, int gshift,
+                                      const u32* __restrict__ conf_flags) {
     __shared__ u32 block_hits, block_base;
+    u32 raised = 0;
+    for (int w = threadIdx.x; w < CONF_FLAG_WORDS; w += blockDim.x) raised |= conf_flags[w];
+    if (!__syncthreads_or(raised)) return;  // no granule was touched twice
     // The loop bound is the same for every thread of a block (the barriers need that).
     for (i64 r0 = blockIdx.x * (i64)blockDim.x; r0 < n; r0 += (i64)gridDim.x * blockDim.x) {
         i64 r = r0 + threadIdx.x;
@@ -114,39 +121,20 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
 // mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3, over
-// the n runs listed in conf_runs. counters = [fixups, listed runs]. (The host reads the
-// counters and conf_flags between passes: threads that all read one address would serialize on
-// it.)
-extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
-                                      const i64* __restrict__ dest, const i64* __restrict__ soff,
-                                      const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
-                                      int mode, u32 key_base, const u32* __restrict__ stamp,
-                                      u32* __restrict__ seen, u32* __restrict__ conf,
-                                      u32* __restrict__ counters, const u32* __restrict__ conf_runs,
-                                      int gshift, u8* fixflag, u32* __restrict__ conf_flags) {
-    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    i64 r = t >> lanes_log2;
-    if (r >= n) return;
-    if (mode == 2) r = conf_runs[r];
+// the counters[1] runs listed in conf_runs (the launch need not know how many: its threads stride).
+// counters = [fixups, listed runs].
+__device__ __forceinline__ void apply_run(
+    i64 r, int lane, int lanes, u8* __restrict__ dst, const u8* __restrict__ src,
+    const i64* __restrict__ dest, const i64* __restrict__ soff, const i64* __restrict__ len,
+    i64 ulen, int mode, u32 key_base, const u32* __restrict__ stamp, u32* __restrict__ seen,
+    u32* __restrict__ conf, u32* __restrict__ counters, int gshift, u8* fixflag,
+    u32* __restrict__ conf_flags) {
     u32* fixcount = counters;
-    int lane = (int)(t & ((1 << lanes_log2) - 1));
-    int lanes = 1 << lanes_log2;
     i64 d = dest[r], s = RUN_SRC(r), L = RUN_LEN(r);
     u32 key = key_base + (u32)r + 1u;
-    if (mode == 1) {
-        bool collided = false;
-        for (i64 g = (d >> gshift) + lane; g <= (d + L - 1) >> gshift; g += lanes) {
-            u32 bit = 1u << (g & 31);
-            if (atomicOr(&seen[g >> 5], bit) & bit) {
-                atomicOr(&conf[g >> 5], bit);
-                collided = true;
-            }
-        }
-        // One store per warp that saw a collision, to its block's flag word.
-        u32 voters = __ballot_sync(__activemask(), collided);
-        if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
-            conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
-    }
+    i64 g0 = (d >> gshift) + lane, glast = (d + L - 1) >> gshift;
+    u32 old0 = 0;
+    if (mode == 1 && g0 <= glast) old0 = atomicOr(&seen[g0 >> 5], 1u << (g0 & 31));  // read below
     bool vec = ((d | s) & 15) == 0;
     for (i64 c = (i64)lane * 16; c < L; c += (i64)lanes * 16) {
         i64 m = L - c < 16 ? L - c : 16;
@@ -163,6 +151,43 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
                           fixflag, fixcount))
                 dst[p] = src[s + c + i];
         }
+    }
+    if (mode != 1) return;
+    bool collided = false;
+    for (i64 g = g0; g <= glast; g += lanes) {
+        u32 bit = 1u << (g & 31);
+        u32 old = g == g0 ? old0 : atomicOr(&seen[g >> 5], bit);
+        if (old & bit) {
+            atomicOr(&conf[g >> 5], bit);
+            collided = true;
+        }
+    }
+    // One store per warp that saw a collision, to its block's flag word.
+    u32 voters = __ballot_sync(__activemask(), collided);
+    if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
+        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+}
+
+extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
+                                      const i64* __restrict__ dest, const i64* __restrict__ soff,
+                                      const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
+                                      int mode, u32 key_base, const u32* __restrict__ stamp,
+                                      u32* __restrict__ seen, u32* __restrict__ conf,
+                                      u32* __restrict__ counters, const u32* __restrict__ conf_runs,
+                                      int gshift, u8* fixflag, u32* __restrict__ conf_flags) {
+    __shared__ i64 listed;
+    if (mode == 2) {
+        if (threadIdx.x == 0) listed = counters[1];
+        __syncthreads();
+        n = listed;
+    }
+    int lanes = 1 << lanes_log2;
+    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; (t >> lanes_log2) < n;
+         t += (i64)gridDim.x * blockDim.x) {
+        i64 r = t >> lanes_log2;
+        if (mode == 2) r = conf_runs[r];
+        apply_run(r, (int)(t & (lanes - 1)), lanes, dst, src, dest, soff, len, ulen, mode, key_base,
+                  stamp, seen, conf, counters, gshift, fixflag, conf_flags);
     }
 }
 

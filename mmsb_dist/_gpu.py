@@ -1,9 +1,9 @@
 """CuPy backend: the kernels of ``kernels/mmsb_kernels.cu`` on one CUDA device.
 
 Index arrays arrive on the host (int64) and go to the device in one copy per call; payloads are
-uploaded once per batch by the arena. One kernel launch per batch and kernel kind; a run scatter
-waits for the device once when no granule collided (to read the conflict flags) and three times
-when some did (see ``runs_stamp`` in the .cu file).
+uploaded once per batch by the arena. One kernel launch per batch and kernel kind. A run scatter
+takes its decisions on the device (see ``runs_stamp`` in the .cu file); the host waits for it only
+when some run covers a granule partly (to learn whether the fixup pass is needed).
 """
 
 from __future__ import annotations
@@ -24,11 +24,13 @@ _KERNELS = ("runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
 _CONF_FLAG_WORDS = 1024  # as CONF_FLAG_WORDS in the .cu file
+_CHUNKS_PER_LANE = 2  # 16-byte chunks per thread of a run scatter (gpu_variants.py: 1 is slower)
 
 
 class ScatterState:
-    """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule, cleared
-    after every batch), last-writer stamps (u32 per granule) and fixup flags (u8 per granule)."""
+    """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule), conflict
+    flags and counters (all cleared after every batch), last-writer stamps (u32 per granule) and
+    fixup flags (u8 per granule)."""
 
     def __init__(self, capacity: int):
         granules = (int(capacity) >> _GSHIFT) + 1
@@ -36,14 +38,16 @@ class ScatterState:
             raise CapacityError(f"arena of {capacity} bytes is over the scatter kernel's "
                                 f"2**32 granules of {limits.scatter_granule_bytes} bytes")
         words = (granules + 31) // 32
-        self.bits = cp.zeros(2 * words, cp.uint32)  # seen, then conf: one memset clears both
-        self.seen, self.conf = self.bits[:words], self.bits[words:]
+        # seen, conf, the conflict flags and the counters in one buffer: one memset clears them
+        # after every batch. Pass 1 raises one of the _CONF_FLAG_WORDS flag words when a granule
+        # was touched twice (spread out: one word would serialize the stores of every warp that
+        # saw a collision); counters = [fixcount, listed runs].
+        self.bits = cp.zeros(2 * words + _CONF_FLAG_WORDS + 2, cp.uint32)
+        self.seen, self.conf = self.bits[:words], self.bits[words:2 * words]
+        self.conf_flags = self.bits[2 * words:2 * words + _CONF_FLAG_WORDS]
+        self.counters = self.bits[2 * words + _CONF_FLAG_WORDS:]
         self.stamp = cp.zeros(granules, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
-        self.counters = cp.zeros(2, cp.uint32)  # [fixcount, listed runs]
-        # Pass 1 raises one of these words when a granule was touched twice (spread out: one
-        # word would serialize the stores of every warp that saw a collision).
-        self.conf_flags = cp.zeros(_CONF_FLAG_WORDS, cp.uint32)
         self.key_base = 0
         self.fixups = 0  # batches that needed the fixup pass (statistics)
 
@@ -99,6 +103,7 @@ class CupyBackend(Backend):
         self._dummy64 = cp.zeros(1, cp.int64)
         self._dummy_counters = cp.zeros(2, cp.uint32)
         self._dummy8 = cp.zeros(1, cp.uint8)
+        self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
 
     # ---- memory --------------------------------------------------------------------------------
 
@@ -147,16 +152,16 @@ class CupyBackend(Backend):
         else:
             dd, sd, ld = self._index(d, s, ln)
         self.scatter_device(arena, dd, sd, ld, payload, state, maxlen=int(ln.max()), ulen=ulen,
-                            fixup_bound=_granule_span(d, ln))
+                            granule_pairs=_granule_span(d, ln), run_bytes=int(ln.sum()))
 
     def scatter_device(self, arena, dd, sd, ld, payload, state, *, maxlen: int, ulen: int = 0,
-                       fixup_bound: int) -> None:
+                       granule_pairs: int, run_bytes: int) -> None:
         """Scatter runs whose index arrays are on the device: ``dd`` plus either ``sd``/``ld`` or a
         uniform length ``ulen`` (run r's bytes at payload[r*ulen:]). Runs must be no longer than
-        ``limits.scatter_piece_bytes_max``; ``fixup_bound`` bounds the (granule, run) pairs.
-        The passes are described above ``runs_stamp`` in kernels/mmsb_kernels.cu. The host reads
-        a counter after pass 1 (one synchronization when no granule collided; three with
-        collisions) to size or skip the next passes."""
+        ``limits.scatter_piece_bytes_max``. ``granule_pairs`` is how many (granule, run) pairs the
+        runs touch (``_granule_span``) and ``run_bytes`` their total length: when every run covers
+        whole granules (pairs * granule == bytes) no fixup can be needed and nothing here waits
+        for the device; otherwise the host reads the fixup counter after pass 3."""
         n = int(dd.size)
         if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
             state.stamp.fill(0)
@@ -165,30 +170,33 @@ class CupyBackend(Backend):
         ld = self._dummy64 if ld is None else ld
         run = dict(ulen=ulen, state=state, maxlen=maxlen)
         self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
-        if state.conf_flags.get().any():  # some granule was touched twice: order it
-            conf_runs = cp.empty(n, cp.uint32)
-            self._k["runs_stamp"](_grid(min(n, 1 << 22)), (_BLOCK,),
-                                  (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
-                                   state.stamp, state.conf, state.counters, conf_runs,
-                                   np.int32(_GSHIFT)))
-            listed = int(state.counters[1:].get()[0])
-            self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs,
-                              listed=listed, **run)
-            if int(state.counters[:1].get()[0]):
-                self._fixup(arena, payload, dd, sd, ld, ulen, fixup_bound, state)
-            state.counters.fill(0)
-            state.conf_flags.fill(0)
+        conf_runs = cp.empty(n, cp.uint32)
+        self._k["runs_stamp"](self._resident_grid(n), (_BLOCK,),
+                              (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
+                               state.stamp, state.conf, state.counters, conf_runs,
+                               np.int32(_GSHIFT), state.conf_flags))
+        self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs, **run)
+        if granule_pairs << _GSHIFT != run_bytes and int(state.counters[:1].get()[0]):
+            self._fixup(arena, payload, dd, sd, ld, ulen, granule_pairs, state)
         state.bits.fill(0)
         state.key_base += n
 
+    def _resident_grid(self, threads: int) -> tuple[int]:
+        """A grid of at most as many threads as the device holds at once (for kernels whose
+        threads stride over their work)."""
+        return _grid(min(threads, self._sms * 2048))
+
     def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None,
-                     conf_runs=None, listed=None) -> None:
-        n = int(dd.size) if listed is None else listed
-        lanes_log2 = min(5, max(0, math.ceil(math.log2(max(1, (maxlen + 15) // 16)))))
+                     conf_runs=None) -> None:
+        n = int(dd.size)
+        chunks = (maxlen + 15) // 16
+        lanes_log2 = min(5, max(0, math.ceil(math.log2(max(1, chunks // _CHUNKS_PER_LANE)))))
+        # Mode 2 covers only the listed runs, a count on the device: its threads stride.
+        grid = self._resident_grid(n << lanes_log2) if mode == 2 else _grid(n << lanes_log2)
         st = state
         d32 = self._dummy32
         self._k["runs_apply"](
-            _grid(n << lanes_log2), (_BLOCK,),
+            grid, (_BLOCK,),
             (dst, src, dd, sd, ld, np.int64(ulen), np.int64(n), np.int32(lanes_log2),
              np.int32(mode), np.uint32(st.key_base if st else 0),
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,

@@ -168,6 +168,47 @@ def test_scatter_uniform_runs_with_collisions(backend, rng, run_bytes, align):
         np.testing.assert_array_equal(backend.to_host(dev), arena)
 
 
+def test_scatter_whole_granule_runs_of_mixed_lengths_with_collisions(backend, rng):
+    """Runs that cover whole 64-byte granules (per-run lengths 64, 128, 192) overlapping each
+    other: the scatter takes every ordering decision on the device and never reads a counter."""
+    size = 1 << 15
+    arena = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = _dev(backend, arena)
+    state = backend.scatter_state(size)
+    for _ in range(3):
+        n = 2000
+        lengths = rng.integers(1, 4, n) * 64
+        dest = rng.integers(0, size // 64 - 3, n) * 64
+        src = np.concatenate([[0], np.cumsum(lengths[:-1])])
+        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
+        ref.scatter_runs(arena, dest, src, lengths, payload)
+        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
+        np.testing.assert_array_equal(backend.to_host(dev), arena)
+
+
+@pytest.mark.gpu
+def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
+    """Last-writer keys are key_base + run index + 1 in 32 bits; a batch that would wrap them
+    clears the stamps first. Batches before and after the wrap must keep batch order."""
+    if backend.name != "cupy":
+        pytest.skip("the stamp keys belong to the CUDA scatter")
+    size = 1 << 14
+    arena = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = _dev(backend, arena)
+    state = backend.scatter_state(size)
+    state.key_base = (1 << 32) - 3000
+    for _ in range(3):
+        n = 2000
+        lengths = rng.integers(1, 100, n)
+        dest = rng.integers(0, size - 100, n)
+        src = np.concatenate([[0], np.cumsum(lengths[:-1])])
+        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
+        ref.scatter_runs(arena, dest, src, lengths, payload)
+        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
+        np.testing.assert_array_equal(backend.to_host(dev), arena)
+    assert state.key_base < 1 << 16  # it wrapped
+
+
 _CONCURRENT_APPLIES = """
 import sys, threading
 import numpy as np
