@@ -30,6 +30,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -354,10 +355,42 @@ class _Replica:
                                   path=where)
 
 
+Key = tuple[int, int, int]  # an eager value's key: (incarnation, LSN, version), see _keyed
+
+
+def _next_incarnation(path: str) -> int:
+    """One more than the count of the last process that opened the shard at ``path``, kept
+    durably in ``path/incarnation`` (written whole, fsynced, renamed into place). It ranks the
+    values a process sends above those of every earlier process, whatever LSNs a crash made the
+    log hand out again. A counter that cannot be read restarts from the clock in microseconds,
+    far above any count of opens."""
+    file = os.path.join(path, "incarnation")
+    try:
+        with open(file, "rb") as fh:
+            last = int(fh.read())
+    except FileNotFoundError:
+        last = 0
+    except (ValueError, OSError):
+        last = time.time_ns() // 1000
+    tmp = file + ".tmp"
+    with open(tmp, "wb") as fh:
+        fh.write(b"%d\n" % (last + 1))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, file)
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)  # the rename must survive a crash too
+    finally:
+        os.close(fd)
+    return last + 1
+
+
 class ShardEngine:
     """A durable shard: see the module docstring for the contract.
 
-    ``path`` holds the log (``path/log``); checkpoints go to ``checkpoints`` (a directory or a
+    ``path`` holds the log (``path/log``) and the count of opens (``path/incarnation``, see
+    ``_next_incarnation``); checkpoints go to ``checkpoints`` (a directory or a
     pyarrow.fs URI, default ``path/checkpoints``). Thread-safe: one lock orders log and apply.
     """
 
@@ -388,11 +421,12 @@ class ShardEngine:
         self._failure: BaseException | None = None  # an overlapped log write failed: see apply_many
         self._watch: dict[int, list[int]] = {}  # parent here -> shards with children of it
         # Parents on other shards: page -> (key, bytes) of the newest value seen (see _keyed).
-        self._remote: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        self._remote: dict[int, tuple[Key, np.ndarray]] = {}
         self._outbox: dict[int, dict[int, tuple]] = {}  # shard -> {parent: (key, bytes)} to send
-        # Orders this shard's page versions across restores and restarts (see _keyed): the LSN at
-        # which the live state's timeline began.
-        self._generation = self.log.next_lsn
+        # Orders this shard's page versions across restores and restarts (see _keyed): this
+        # process's incarnation and the LSN at which the live state's timeline began.
+        self._incarnation = _next_incarnation(self.path)
+        self._generation = (self._incarnation, self.log.next_lsn)
         self._changed: set[int] = set()  # watched pages written since the last seal
         self._changed_all = True  # a fresh process does not know what changed before it
         self.eager = True  # propagate on write (False: derived pages change only at barriers)
@@ -693,7 +727,7 @@ class ShardEngine:
         with self._lock:
             self._check_open()
             seal = self._seal(epoch)
-            self._generation = self._log_control("restore", epoch=int(epoch))
+            self._generation = (self._incarnation, self._log_control("restore", epoch=int(epoch)))
             self._state.arena = self._replica_from(int(epoch), seal).arena
             self._asof = None
             self._changed_all = True  # derived pages follow their restored parents at the barrier
@@ -869,29 +903,31 @@ class ShardEngine:
         with self._lock:
             return np.array(sorted(self._changed), np.uint64), self._changed_all
 
-    def read_cut(self, page_ids) -> list[tuple[tuple[int, int], np.ndarray]]:
+    def read_cut(self, page_ids) -> list[tuple[Key, np.ndarray]]:
         """(key, bytes) of each page, for the barrier to carry to the shards of its children:
         ``recompute``'s ``remote``. The key orders the page's values (see ``_keyed``)."""
         with self._lock:
             self._check_open()
             return self._read_keyed(page_ids)
 
-    def _read_keyed(self, page_ids) -> list[tuple[tuple[int, int], np.ndarray]]:
+    def _read_keyed(self, page_ids) -> list[tuple[Key, np.ndarray]]:
         return self._keyed(page_ids, self.arena.read_many(page_ids))
 
-    def _keyed(self, page_ids, values) -> list[tuple[tuple[int, int], np.ndarray]]:
-        """Each value of ``page_ids`` with its key (generation, version): eager messages may
-        arrive late and in any order, so a shard keeps, per remote parent, the value with the
-        greatest key. Versions are the LSNs of last writes, which a restore sets back: the
-        generation (the LSN of the restore, or of the open) puts every value written since above
-        every value from before it."""
+    def _keyed(self, page_ids, values) -> list[tuple[Key, np.ndarray]]:
+        """Each value of ``page_ids`` with its key (incarnation, LSN, version): eager messages
+        may arrive late and in any order, so a shard keeps, per remote parent, the value with the
+        greatest key. Versions are the LSNs of last writes, which a restore sets back, and which a
+        crash that lost the log's unsynced tail hands out again: the LSN of the restore or open
+        puts every value written since a restore above every value from before it, and the
+        incarnation (see ``_next_incarnation``) every value written since an open above every
+        value from an earlier process."""
         versions = self.arena.versions(page_ids).tolist()
-        return [((self._generation, v), a.reshape(-1).view(np.uint8))
+        return [((*self._generation, v), a.reshape(-1).view(np.uint8))
                 for v, a in zip(versions, values)]
 
     @staticmethod
     def _unpack_remote(values: dict) -> dict[int, tuple]:
-        return {int(p): ((int(k[0]), int(k[1])),
+        return {int(p): (tuple(int(x) for x in k),
                          np.ascontiguousarray(v).reshape(-1).view(np.uint8))
                 for p, (k, v) in values.items()}
 

@@ -14,7 +14,7 @@ import pytest
 from mmsb_dist import (DeltaBatch, EpochError, InvalidDeltaError, SerializationError,
                        UnknownPageError, limits)
 from mmsb_dist.formats import encode_deltas
-from mmsb_dist.engine import ShardEngine
+from mmsb_dist.engine import ShardEngine, _next_incarnation
 from oracle import random_batch
 
 
@@ -487,3 +487,17 @@ def test_read_ahead_stops_its_helper_when_the_caller_leaves():
     with ahead as frames:
         frames.skip_rest()                          # queue nothing more, let produce finish
     assert ahead.value == "all" and not ahead._thread.is_alive()
+
+
+def test_every_open_has_a_greater_incarnation_even_after_a_damaged_counter(tmp_path):
+    """The incarnation orders eager values across processes: it must grow at every open, and a
+    counter that cannot be read must not send it back."""
+    assert [_next_incarnation(str(tmp_path)) for _ in range(3)] == [1, 2, 3]
+    assert (tmp_path / "incarnation").read_bytes() == b"3\n"
+    (tmp_path / "incarnation").write_bytes(b"\x00\xffnot a number")
+    n = _next_incarnation(str(tmp_path))
+    assert n > 3 and _next_incarnation(str(tmp_path)) == n + 1
+    with ShardEngine(tmp_path / "shard", fsync="none") as e:
+        first = e._generation
+    with ShardEngine(tmp_path / "shard", fsync="none") as e:
+        assert e._generation > first
