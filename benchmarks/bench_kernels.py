@@ -181,7 +181,7 @@ def bench_gpu(quick: bool) -> dict:
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
 
-    pairs = {id(dd): _gpu._granule_span(dd, ld), id(dd_distinct): _gpu._granule_span(dd_distinct, ld)}
+    pairs = {id(d): _gpu._granule_span(d, ld) for d in (dd, dd_distinct)}
 
     def scatter(dest, general=False, target=arena, st=state):
         be.scatter_device(target, dest, sd if general else None, ld if general else None, pay,
@@ -202,6 +202,14 @@ def bench_gpu(quick: bool) -> dict:
     pay_rows = pay.reshape(-1, 64)
     t_fancy_rows = timed(lambda: rows.__setitem__(slots, pay_rows))
     t_fancy_rows_distinct = timed(lambda: rows.__setitem__(distinct, pay_rows))
+
+    def fancy_last_wins():
+        """What CuPy needs for the scatter's result on colliding slots (its fancy assignment
+        leaves the winner among duplicates undefined): keep each slot's last run, then assign."""
+        last = cp.unique(slots[::-1], return_index=True)[1]
+        rows[slots[::-1][last]] = pay_rows[::-1][last]
+
+    t_fancy_last_wins = timed(fancy_last_wins, repeat=10)
     nb = min(n, 1 << 20)
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
     t_fancy_bytes = timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
@@ -238,6 +246,8 @@ def bench_gpu(quick: bool) -> dict:
         "cupy_fancy_rows_distinct": {"s": t_fancy_rows_distinct,
                                      "deltas_per_s": n / t_fancy_rows_distinct,
                                      "ratio_scatter_vs_fancy": t_fancy_rows_distinct / t_distinct},
+        "cupy_fancy_rows_last_wins": {"s": t_fancy_last_wins, "deltas_per_s": n / t_fancy_last_wins,
+                                      "ratio_scatter_vs_fancy": t_fancy_last_wins / t_scatter},
         "cupy_fancy_bytes": {"runs": nb, "s": t_fancy_bytes, "deltas_per_s": nb / t_fancy_bytes},
     }
 
@@ -272,6 +282,9 @@ def _table(res: dict) -> str:
         f = g["cupy_fancy_rows"]
         lines.append(f"{'GPU 64B run scatter (deltas/s)':44s} {s['deltas_per_s']:16.3e} "
                      f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
+        f = g["cupy_fancy_rows_last_wins"]
+        lines.append(f"{'GPU 64B run scatter vs CuPy unique + rows':44s} {s['deltas_per_s']:16.3e} "
+                     f"{f['deltas_per_s']:14.3e} last-wins {f['ratio_scatter_vs_fancy']:8.2f}x")
         f = g["cupy_fancy_rows_distinct"]
         lines.append(f"{'GPU 64B run scatter, distinct (deltas/s)':44s} "
                      f"{g['run_scatter_64B_distinct']['deltas_per_s']:16.3e} "
