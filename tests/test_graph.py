@@ -267,16 +267,22 @@ def test_late_and_reordered_eager_messages_leave_no_stale_page(tmp_path, rng, ba
         c.close()
 
 
+def _copied_to_another_shard(c: LocalCluster) -> tuple[int, int]:
+    """A parent page holding [1, 1] (uint32) and a child on another shard that copies it."""
+    ids = [int(p) for p in c.create(12, 8, "uint32")]
+    parent = ids[0]
+    child = next(p for p in ids if c.owner(p) != c.owner(parent))
+    c.depend(child, [parent], "copy")
+    c.write(parent, 0, np.array([1, 1], np.uint32).tobytes())
+    return parent, child
+
+
 def test_a_message_from_before_a_restore_is_stale_after_it(tmp_path):
     """A restore sets page versions back; a value written before it and delivered after it must
     not win over the restored one (the shard's generation orders them)."""
     c = LocalCluster(tmp_path, shards=3)
     try:
-        ids = [int(p) for p in c.create(12, 8, "uint32")]
-        parent = ids[0]
-        child = next(p for p in ids if c.owner(p) != c.owner(parent))
-        c.depend(child, [parent], "copy")
-        c.write(parent, 0, np.array([1, 1], np.uint32).tobytes())
+        parent, child = _copied_to_another_shard(c)
         e1 = c.commit()
         c.in_flight = []
         c.write(parent, 0, np.array([2, 2], np.uint32).tobytes())  # its message stays in flight
@@ -298,11 +304,7 @@ def test_a_message_from_before_a_crash_that_lost_the_log_tail_is_stale_after_it(
     shard's incarnation orders them)."""
     c = LocalCluster(tmp_path, shards=3)
     try:
-        ids = [int(p) for p in c.create(12, 8, "uint32")]
-        parent = ids[0]
-        child = next(p for p in ids if c.owner(p) != c.owner(parent))
-        c.depend(child, [parent], "copy")
-        c.write(parent, 0, np.array([1, 1], np.uint32).tobytes())
+        parent, child = _copied_to_another_shard(c)
         c.commit()
         a = c.owner(parent)
         shard_dir = tmp_path / f"shard-{a}"

@@ -32,6 +32,26 @@ def _dev(backend, a):
     return backend.upload(np.ascontiguousarray(a))
 
 
+def _scatter_batches_match_reference(backend, rng, size, runs, state=None, batches=3) -> None:
+    """Scatter ``batches`` batches of runs ``runs()`` -> (dest, src, lengths) with random
+    payloads into one random arena, on the backend and by the reference; after each batch the
+    two must be equal (several batches: stale scatter state from earlier ones must not matter)."""
+    arena = rng.integers(0, 256, size, dtype=np.uint8)
+    dev = _dev(backend, arena)
+    state = backend.scatter_state(size) if state is None else state
+    for _ in range(batches):
+        dest, src, lengths = runs()
+        payload = rng.integers(0, 256, int(np.sum(lengths)), dtype=np.uint8)
+        ref.scatter_runs(arena, dest, src, lengths, payload)
+        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
+        np.testing.assert_array_equal(backend.to_host(dev), arena)
+
+
+def _back_to_back(lengths):
+    """Source offsets of runs whose payloads follow each other."""
+    return np.concatenate([[0], np.cumsum(lengths[:-1])]).astype(np.int64)
+
+
 @pytest.mark.parametrize("aligned", [False, True])
 @pytest.mark.parametrize("max_len", [1, 64, 700, 9000])
 def test_scatter_runs_matches_reference_with_overlaps(backend, rng, aligned, max_len):
@@ -50,19 +70,11 @@ def test_scatter_runs_matches_reference_with_overlaps(backend, rng, aligned, max
 
 def test_scatter_runs_heavy_duplicates_keep_batch_order(backend, rng):
     """Many runs hitting the same few bytes at odd alignments: only order decides the result."""
-    size = 4096
-    arena = rng.integers(0, 256, size, dtype=np.uint8)
-    state = backend.scatter_state(size)
-    dev = _dev(backend, arena)
-    for _ in range(4):
-        n = 2000
-        lengths = rng.integers(1, 40, n)
-        dest = rng.integers(0, 200, n)
-        src = np.concatenate([[0], np.cumsum(lengths[:-1])])
-        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
-        ref.scatter_runs(arena, dest, src, lengths, payload)
-        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
-        np.testing.assert_array_equal(backend.to_host(dev), arena)
+    def runs():
+        lengths = rng.integers(1, 40, 2000)
+        return rng.integers(0, 200, 2000), _back_to_back(lengths), lengths
+
+    _scatter_batches_match_reference(backend, rng, 4096, runs, batches=4)
 
 
 @pytest.mark.parametrize("max_len", [3, 64, 5000])
@@ -153,37 +165,25 @@ def test_page_hashes_agree_between_backends(rng):
 @pytest.mark.parametrize("run_bytes,align", [(64, 64), (64, 1), (16, 16), (48, 8)])
 def test_scatter_uniform_runs_with_collisions(backend, rng, run_bytes, align):
     """Equal-length runs laid out back to back (the 2-D payload fast path), many colliding."""
-    size = 1 << 15
-    arena = rng.integers(0, 256, size, dtype=np.uint8)
-    dev = _dev(backend, arena)
-    state = backend.scatter_state(size)
-    for _ in range(3):
-        n = 3000
+    size, n = 1 << 15, 3000
+
+    def runs():
         dest = rng.integers(0, (size - run_bytes) // align, n) * align
-        src = np.arange(n, dtype=np.int64) * run_bytes
-        lengths = np.full(n, run_bytes, np.int64)
-        payload = rng.integers(0, 256, n * run_bytes, dtype=np.uint8)
-        ref.scatter_runs(arena, dest, src, lengths, payload)
-        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
-        np.testing.assert_array_equal(backend.to_host(dev), arena)
+        return dest, np.arange(n, dtype=np.int64) * run_bytes, np.full(n, run_bytes, np.int64)
+
+    _scatter_batches_match_reference(backend, rng, size, runs)
 
 
 def test_scatter_whole_granule_runs_of_mixed_lengths_with_collisions(backend, rng):
     """Runs that cover whole 64-byte granules (per-run lengths 64, 128, 192) overlapping each
     other: the scatter takes every ordering decision on the device and never reads a counter."""
     size = 1 << 15
-    arena = rng.integers(0, 256, size, dtype=np.uint8)
-    dev = _dev(backend, arena)
-    state = backend.scatter_state(size)
-    for _ in range(3):
-        n = 2000
-        lengths = rng.integers(1, 4, n) * 64
-        dest = rng.integers(0, size // 64 - 3, n) * 64
-        src = np.concatenate([[0], np.cumsum(lengths[:-1])])
-        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
-        ref.scatter_runs(arena, dest, src, lengths, payload)
-        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
-        np.testing.assert_array_equal(backend.to_host(dev), arena)
+
+    def runs():
+        lengths = rng.integers(1, 4, 2000) * 64
+        return rng.integers(0, size // 64 - 3, 2000) * 64, _back_to_back(lengths), lengths
+
+    _scatter_batches_match_reference(backend, rng, size, runs)
 
 
 @pytest.mark.gpu
@@ -193,19 +193,14 @@ def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
     if backend.name != "cupy":
         pytest.skip("the stamp keys belong to the CUDA scatter")
     size = 1 << 14
-    arena = rng.integers(0, 256, size, dtype=np.uint8)
-    dev = _dev(backend, arena)
+
+    def runs():
+        lengths = rng.integers(1, 100, 2000)
+        return rng.integers(0, size - 100, 2000), _back_to_back(lengths), lengths
+
     state = backend.scatter_state(size)
     state.key_base = (1 << 32) - 3000
-    for _ in range(3):
-        n = 2000
-        lengths = rng.integers(1, 100, n)
-        dest = rng.integers(0, size - 100, n)
-        src = np.concatenate([[0], np.cumsum(lengths[:-1])])
-        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
-        ref.scatter_runs(arena, dest, src, lengths, payload)
-        backend.scatter_runs(dev, dest, src, lengths, _dev(backend, payload), state)
-        np.testing.assert_array_equal(backend.to_host(dev), arena)
+    _scatter_batches_match_reference(backend, rng, size, runs, state)
     assert state.key_base < 1 << 16  # it wrapped
 
 
