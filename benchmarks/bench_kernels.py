@@ -143,34 +143,50 @@ def scatter_ceiling(arena, pay, n: int, read: bool = True):
 def bench_gpu(quick: bool) -> dict:
     import cupy as cp
 
-    from mmsb_dist import _gpu
-
     be = get_backend("cupy")
     rng = cp.random.default_rng(2)
     nbytes = (256 << 20) if quick else (1 << 30)
-
-    timed = gpu_timed
     src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     dst = cp.empty_like(src)
-    t_copy = timed(lambda: cp.copyto(dst, src))
+    t_copy = gpu_timed(lambda: cp.copyto(dst, src))
     copy_bw = 2 * nbytes / t_copy
-
-    # Bitmask merge: page-sized masked deltas (64 KiB pages), half the bits set at random.
-    page = 64 << 10
-    npg = nbytes // page
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    return {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+            "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
+            **_gpu_merge(be, rng, arena, copy_bw), **_gpu_scatter(be, rng, arena, copy_bw)}
+
+
+def _gpu_merge(be, rng, arena, copy_bw) -> dict:
+    """Bitmask merge: page-sized masked deltas (64 KiB pages), half the bits set at random."""
+    import cupy as cp
+
+    from mmsb_dist import _gpu
+
+    nbytes, page = arena.size, 64 << 10
     payload = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     masks = rng.integers(0, 256, nbytes // 8, dtype=cp.uint8)
-    offs = np.arange(npg, dtype=np.int64) * page
-    lens = np.full(npg, page, np.int64)
-    od, ld_m, md = (cp.asarray(a) for a in (offs, lens, offs // 8))
+    offs = np.arange(nbytes // page, dtype=np.int64) * page
+    lens = np.full(offs.size, page, np.int64)
+    od, ld, md = (cp.asarray(a) for a in (offs, lens, offs // 8))
     blocks = tuple(cp.asarray(a) for a in _gpu._block_table(lens))
-    t_merge = timed(lambda: be.merge_device(arena, od, od, ld_m, md, blocks, payload, masks))
-    merge_bytes = nbytes * 3 + nbytes // 8  # payload read, arena read, arena write, mask read
+    t = gpu_timed(lambda: be.merge_device(arena, od, od, ld, md, blocks, payload, masks))
+    moved = nbytes * 3 + nbytes // 8  # payload read, arena read, arena write, mask read
+    return {"bitmask_merge": {"bytes_moved": moved, "s": t, "GBps": moved / t / 1e9,
+                              "fraction_of_copy": moved / t / copy_bw}}
 
-    # Run scatter: 64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are),
-    # so ~11% of the runs collide and take the ordered path; also distinct slots, and the general
-    # layout (per-run source offsets and lengths instead of one uniform length).
+
+def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
+    """64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are), so ~11% of the
+    runs collide and take the ordered path; also distinct slots, the general layout (per-run
+    source offsets and lengths instead of one uniform length), the same runs with no order kept
+    (the floor: what keeping batch order costs), and the device's ceiling (a sequential 64-byte
+    read and a random 64-byte write, with no destination to read and no order to keep). Then
+    CuPy's ways of doing the same."""
+    import cupy as cp
+
+    from mmsb_dist import _gpu
+
+    nbytes = arena.size
     n = nbytes // 256
     host_rng = np.random.default_rng(3)
     slots = cp.asarray(host_rng.integers(0, nbytes // 64, n)).astype(cp.int64)
@@ -180,7 +196,6 @@ def bench_gpu(quick: bool) -> dict:
     ld = cp.full(n, 64, cp.int64)
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
-
     pairs = {id(d): _gpu._granule_span(d, ld) for d in (dd, dd_distinct)}
 
     def scatter(dest, general=False, target=arena, st=state):
@@ -188,20 +203,23 @@ def bench_gpu(quick: bool) -> dict:
                           st, maxlen=64, ulen=0 if general else 64, granule_pairs=pairs[id(dest)],
                           run_bytes=64 * n)
 
-    t_scatter = timed(lambda: scatter(dd))
-    t_distinct = timed(lambda: scatter(dd_distinct))
-    t_general = timed(lambda: scatter(dd, general=True))
-    # The floor: the same copy of the distinct runs with no ordering work at all -- shows what
-    # keeping batch order costs. The ceiling: what this device does for a sequential 64-byte read
-    # and a random 64-byte write with no destination to read and no order to keep.
-    t_floor = timed(lambda: be._launch_runs(arena, pay, dd_distinct, sd, ld, mode=0, maxlen=64,
-                                            ulen=64))
-    t_ceiling = timed(scatter_ceiling(arena, pay, n))
-    scatter_bytes = 2 * n * 64  # payload read + arena write
-    rows = arena.reshape(-1, 64)
-    pay_rows = pay.reshape(-1, 64)
-    t_fancy_rows = timed(lambda: rows.__setitem__(slots, pay_rows))
-    t_fancy_rows_distinct = timed(lambda: rows.__setitem__(distinct, pay_rows))
+    def rate(t, **more):
+        return {"s": t, "deltas_per_s": n / t, "fraction_of_copy": 2 * n * 64 / t / copy_bw,
+                **more}  # bytes: payload read + arena write
+
+    t_scatter = gpu_timed(lambda: scatter(dd))
+    t_distinct = gpu_timed(lambda: scatter(dd_distinct))
+    out = {
+        "run_scatter_64B": rate(t_scatter, runs=n, GBps=2 * n * 64 / t_scatter / 1e9,
+                                colliding_runs=int(n - cp.unique(slots).size),
+                                fixup_batches=state.fixups),
+        "run_scatter_64B_distinct": rate(t_distinct),
+        "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_runs(
+            arena, pay, dd_distinct, sd, ld, mode=0, maxlen=64, ulen=64))),
+        "random_64B_write_ceiling": rate(gpu_timed(scatter_ceiling(arena, pay, n))),
+        "run_scatter_64B_general": rate(gpu_timed(lambda: scatter(dd, general=True))),
+    }
+    rows, pay_rows = arena.reshape(-1, 64), pay.reshape(-1, 64)
 
     def fancy_last_wins():
         """What CuPy needs for the scatter's result on colliding slots (its fancy assignment
@@ -209,10 +227,17 @@ def bench_gpu(quick: bool) -> dict:
         last = cp.unique(slots[::-1], return_index=True)[1]
         rows[slots[::-1][last]] = pay_rows[::-1][last]
 
-    t_fancy_last_wins = timed(fancy_last_wins, repeat=10)
+    for key, fn, ours, repeat in (
+            ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), t_scatter, 20),
+            ("cupy_fancy_rows_distinct", lambda: rows.__setitem__(distinct, pay_rows),
+             t_distinct, 20),
+            ("cupy_fancy_rows_last_wins", fancy_last_wins, t_scatter, 10)):
+        t = gpu_timed(fn, repeat=repeat)
+        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / ours}
     nb = min(n, 1 << 20)
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
-    t_fancy_bytes = timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
+    t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
+    out["cupy_fancy_bytes"] = {"runs": nb, "s": t, "deltas_per_s": nb / t}
     # Correctness of what was timed: both layouts from a known state against last-writer-wins.
     rev = cp.unique(slots[::-1], return_index=True)[1]
     for general in (False, True):
@@ -222,34 +247,7 @@ def bench_gpu(quick: bool) -> dict:
         scatter(dd, general, check, be.scatter_state(nbytes))
         assert bool((check == want).all()), "scatter result differs from last-writer-wins"
         del check, want
-    return {
-        "device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-        "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
-        "bitmask_merge": {"bytes_moved": merge_bytes, "s": t_merge,
-                          "GBps": merge_bytes / t_merge / 1e9,
-                          "fraction_of_copy": merge_bytes / t_merge / copy_bw},
-        "run_scatter_64B": {"runs": n, "s": t_scatter, "deltas_per_s": n / t_scatter,
-                            "GBps": scatter_bytes / t_scatter / 1e9,
-                            "fraction_of_copy": scatter_bytes / t_scatter / copy_bw,
-                            "colliding_runs": int(n - cp.unique(slots).size),
-                            "fixup_batches": state.fixups},
-        "run_scatter_64B_distinct": {"s": t_distinct, "deltas_per_s": n / t_distinct,
-                                     "fraction_of_copy": scatter_bytes / t_distinct / copy_bw},
-        "run_scatter_64B_unordered_floor": {"s": t_floor, "deltas_per_s": n / t_floor,
-                                            "fraction_of_copy": scatter_bytes / t_floor / copy_bw},
-        "random_64B_write_ceiling": {"s": t_ceiling, "deltas_per_s": n / t_ceiling,
-                                     "fraction_of_copy": scatter_bytes / t_ceiling / copy_bw},
-        "run_scatter_64B_general": {"s": t_general, "deltas_per_s": n / t_general,
-                                    "fraction_of_copy": scatter_bytes / t_general / copy_bw},
-        "cupy_fancy_rows": {"s": t_fancy_rows, "deltas_per_s": n / t_fancy_rows,
-                            "ratio_scatter_vs_fancy": t_fancy_rows / t_scatter},
-        "cupy_fancy_rows_distinct": {"s": t_fancy_rows_distinct,
-                                     "deltas_per_s": n / t_fancy_rows_distinct,
-                                     "ratio_scatter_vs_fancy": t_fancy_rows_distinct / t_distinct},
-        "cupy_fancy_rows_last_wins": {"s": t_fancy_last_wins, "deltas_per_s": n / t_fancy_last_wins,
-                                      "ratio_scatter_vs_fancy": t_fancy_last_wins / t_scatter},
-        "cupy_fancy_bytes": {"runs": nb, "s": t_fancy_bytes, "deltas_per_s": nb / t_fancy_bytes},
-    }
+    return out
 
 
 def _table(res: dict) -> str:
