@@ -238,16 +238,24 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
     t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
     out["cupy_fancy_bytes"] = {"runs": nb, "s": t, "deltas_per_s": nb / t}
-    # Correctness of what was timed: both layouts from a known state against last-writer-wins.
-    rev = cp.unique(slots[::-1], return_index=True)[1]
-    for general in (False, True):
-        check = rng.integers(1, 256, nbytes, dtype=cp.uint8)
-        want = check.copy()
-        want.reshape(-1, 64)[slots[::-1][rev]] = pay_rows[::-1][rev]
-        scatter(dd, general, check, be.scatter_state(nbytes))
-        assert bool((check == want).all()), "scatter result differs from last-writer-wins"
-        del check, want
+    for general in (False, True):  # what was timed gives the right bytes
+        _check_last_writer_wins(rng, nbytes, slots, pay_rows,
+                                lambda check: scatter(dd, general, check,
+                                                      be.scatter_state(nbytes)))
     return out
+
+
+def _check_last_writer_wins(rng, nbytes: int, slots, pay_rows, scatter) -> None:
+    """``scatter(arena)`` of the runs ``pay_rows`` to 64-byte ``slots`` leaves, in a random
+    arena, the last run of each slot."""
+    import cupy as cp
+
+    check = rng.integers(1, 256, nbytes, dtype=cp.uint8)
+    want = check.copy()
+    last = cp.unique(slots[::-1], return_index=True)[1]
+    want.reshape(-1, 64)[slots[::-1][last]] = pay_rows[::-1][last]
+    scatter(check)
+    assert bool((check == want).all()), "scatter result differs from last-writer-wins"
 
 
 def _table(res: dict) -> str:

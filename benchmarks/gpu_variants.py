@@ -58,11 +58,7 @@ def scatter_variants(copy_bw):
             ev[0].record()
             be._launch_runs(arena, pay, dest, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
             ev[1].record()
-            conf_runs = cp.empty(n, cp.uint32)
-            be._k["runs_stamp"](be._resident_grid(n), (256,),
-                                (dest, dummy, np.int64(64), np.int64(n), np.uint32(st.key_base),
-                                 st.stamp, st.conf, st.counters, conf_runs, np.int32(6),
-                                 st.conf_flags))
+            conf_runs = be._launch_stamp(dest, dummy, 64, st)
             ev[2].record()
             be._launch_runs(arena, pay, dest, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
                             conf_runs=conf_runs)

@@ -170,16 +170,23 @@ class CupyBackend(Backend):
         ld = self._dummy64 if ld is None else ld
         run = dict(ulen=ulen, state=state, maxlen=maxlen)
         self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
-        conf_runs = cp.empty(n, cp.uint32)
-        self._k["runs_stamp"](self._resident_grid(n), (_BLOCK,),
-                              (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
-                               state.stamp, state.conf, state.counters, conf_runs,
-                               np.int32(_GSHIFT), state.conf_flags))
+        conf_runs = self._launch_stamp(dd, ld, ulen, state)
         self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs, **run)
         if granule_pairs << _GSHIFT != run_bytes and int(state.counters[:1].get()[0]):
             self._fixup(arena, payload, dd, sd, ld, ulen, granule_pairs, state)
         state.bits.fill(0)
         state.key_base += n
+
+    def _launch_stamp(self, dd, ld, ulen: int, state: ScatterState):
+        """Pass 2 (``runs_stamp``); returns the array it lists the runs of conflicted granules in
+        (their count goes to state.counters[1])."""
+        n = int(dd.size)
+        conf_runs = cp.empty(n, cp.uint32)
+        self._k["runs_stamp"](self._resident_grid(n), (_BLOCK,),
+                              (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
+                               state.stamp, state.conf, state.counters, conf_runs,
+                               np.int32(_GSHIFT), state.conf_flags))
+        return conf_runs
 
     def _resident_grid(self, threads: int) -> tuple[int]:
         """A grid of at most as many threads as the device holds at once (for kernels whose

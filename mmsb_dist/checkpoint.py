@@ -165,7 +165,8 @@ def checkpoint_dir(root: str, shard: int, epoch: int) -> str:
     return _join(root, f"shard-{shard:04d}", f"epoch-{epoch:020d}")
 
 
-def _fsync_path(os_path: str, directory: bool = False) -> None:
+def fsync_path(os_path: str, directory: bool = False) -> None:
+    """fsync a file, or a directory (after a rename in it: the new entry survives a crash)."""
     fd = os.open(os_path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
     try:
         os.fsync(fd)
@@ -358,9 +359,9 @@ def _publish(fs, dir_path: str, name: str, produce, filling=None) -> CheckpointF
             sink = _ChecksummingSink(out, filling)
             produce(sink)
         if os_final:
-            _fsync_path(os_final + _TMP_SUFFIX)
+            fsync_path(os_final + _TMP_SUFFIX)
             fs.move(target, final)
-            _fsync_path(os.path.dirname(os_final), directory=True)
+            fsync_path(os.path.dirname(os_final), directory=True)
     except BaseException:
         try:
             fs.delete_file(target)
@@ -405,7 +406,7 @@ def write_checkpoint(snapshot: ArenaSnapshot, location, *, shard: int, epoch: in
         d = os_dir
         for _ in range(3):  # epoch-*, shard-* and the root itself may all be new
             d = os.path.dirname(d)
-            _fsync_path(d, directory=True)
+            fsync_path(d, directory=True)
 
     schema = CHECKPOINT_SCHEMA.with_metadata({
         **_SCHEMA_META, b"mmsb.shard": str(shard).encode(), b"mmsb.epoch": str(epoch).encode()})
@@ -780,7 +781,7 @@ def delete_checkpoint(info: CheckpointInfo, *, filesystem: pafs.FileSystem | Non
         fs.delete_file(manifest)
         os_dir = _os_path(fs, info.path)
         if os_dir:
-            _fsync_path(os_dir, directory=True)
+            fsync_path(os_dir, directory=True)
     if fs.get_file_info(info.path).type != pafs.FileType.NotFound:
         fs.delete_dir(info.path)
 

@@ -378,11 +378,7 @@ def _next_incarnation(path: str) -> int:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, file)
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)  # the rename must survive a crash too
-    finally:
-        os.close(fd)
+    ckpt.fsync_path(path, directory=True)
     return last + 1
 
 
@@ -436,15 +432,10 @@ class ShardEngine:
 
     def _start(self, at_or_before: int | None) -> tuple[_Replica, int]:
         """A replica at the newest checkpoint (at or before an epoch), and the LSN to replay from."""
-        replica, info = self._from_checkpoint(at_or_before)
-        self._check_meets_log(info, at_or_before, self.log.first_lsn, self.log.next_lsn)
-        return replica, (0 if info is None else info.lsn)
-
-    def _from_checkpoint(self, at_or_before: int | None):
-        """(replica, CheckpointInfo) of the newest checkpoint at or before an epoch; (empty
-        replica, None) when there is none."""
         loaded = self._read_checkpoint(at_or_before)
-        return self._replica_of(loaded), loaded[1]
+        info = loaded[1]
+        self._check_meets_log(info, at_or_before, self.log.first_lsn, self.log.next_lsn)
+        return self._replica_of(loaded), (0 if info is None else info.lsn)
 
     def _read_checkpoint(self, at_or_before: int | None):
         """(snapshot, CheckpointInfo) of the newest checkpoint at or before an epoch, read and

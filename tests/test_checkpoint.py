@@ -194,14 +194,14 @@ def test_checkpoint_without_manifest_is_ignored_and_removed(tmp_path, rng):
 
 def test_crash_before_manifest_leaves_an_incomplete_checkpoint(tmp_path, rng, monkeypatch):
     arena = random_arena(rng, n_pages=6, max_bytes=8192)
-    real_fsync = ck._fsync_path
+    real_fsync = ck.fsync_path
 
     def failing_fsync(path, directory=False):
         if path.endswith(ck.MANIFEST_FILE + ck._TMP_SUFFIX):
             raise OSError("disk gone")
         real_fsync(path, directory)
 
-    monkeypatch.setattr(ck, "_fsync_path", failing_fsync)
+    monkeypatch.setattr(ck, "fsync_path", failing_fsync)
     with pytest.raises(OSError, match="disk gone"):
         write(arena, tmp_path, epoch=8)
     monkeypatch.undo()
