@@ -177,11 +177,12 @@ def _gpu_merge(be, rng, arena, copy_bw) -> dict:
 
 def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     """64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are), so ~11% of the
-    runs collide and take the ordered path; also distinct slots, the general layout (per-run
-    source offsets and lengths instead of one uniform length), the same runs with no order kept
-    (the floor: what keeping batch order costs), and the device's ceiling (a sequential 64-byte
-    read and a random 64-byte write, with no destination to read and no order to keep). Then
-    CuPy's ways of doing the same."""
+    runs collide and take the ordered path; also distinct slots. Both indexed by granule number,
+    as ``scatter_runs`` sends such runs; distinct slots again as byte offsets (the general
+    kernel's pass 1), the general layout (per-run source offsets and lengths), the same runs
+    with no order kept (the floor: what keeping batch order costs), and the device's ceiling (a
+    sequential 64-byte read and a random 64-byte write, with no destination to read and no
+    order to keep). Then CuPy's ways of doing the same."""
     import cupy as cp
 
     from mmsb_dist import _gpu
@@ -192,11 +193,13 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     slots = cp.asarray(host_rng.integers(0, nbytes // 64, n)).astype(cp.int64)
     distinct = cp.asarray(host_rng.permutation(nbytes // 64)[:n]).astype(cp.int64)
     dd, dd_distinct = slots * 64, distinct * 64
+    gd, gd_distinct = slots.astype(cp.uint32), distinct.astype(cp.uint32)  # granule numbers
     sd = cp.arange(n, dtype=cp.int64) * 64
     ld = cp.full(n, 64, cp.int64)
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
     pairs = {id(d): _gpu._granule_span(d, ld) for d in (dd, dd_distinct)}
+    pairs[id(gd)], pairs[id(gd_distinct)] = pairs[id(dd)], pairs[id(dd_distinct)]
 
     def scatter(dest, general=False, target=arena, st=state):
         be.scatter_device(target, dest, sd if general else None, ld if general else None, pay,
@@ -207,15 +210,16 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
         return {"s": t, "deltas_per_s": n / t, "fraction_of_copy": 2 * n * 64 / t / copy_bw,
                 **more}  # bytes: payload read + arena write
 
-    t_scatter = gpu_timed(lambda: scatter(dd))
-    t_distinct = gpu_timed(lambda: scatter(dd_distinct))
+    t_scatter = gpu_timed(lambda: scatter(gd))
+    t_distinct = gpu_timed(lambda: scatter(gd_distinct))
     out = {
         "run_scatter_64B": rate(t_scatter, runs=n, GBps=2 * n * 64 / t_scatter / 1e9,
                                 colliding_runs=int(n - cp.unique(slots).size),
                                 fixup_batches=state.fixups),
         "run_scatter_64B_distinct": rate(t_distinct),
-        "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_runs(
-            arena, pay, dd_distinct, sd, ld, mode=0, maxlen=64, ulen=64))),
+        "run_scatter_64B_distinct_byte_offsets": rate(gpu_timed(lambda: scatter(dd_distinct))),
+        "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_granules(
+            arena, pay, gd_distinct, 64, None))),
         "random_64B_write_ceiling": rate(gpu_timed(scatter_ceiling(arena, pay, n))),
         "run_scatter_64B_general": rate(gpu_timed(lambda: scatter(dd, general=True))),
     }
@@ -238,9 +242,9 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
     t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
     out["cupy_fancy_bytes"] = {"runs": nb, "s": t, "deltas_per_s": nb / t}
-    for general in (False, True):  # what was timed gives the right bytes
+    for dest, general in ((gd, False), (dd, False), (dd, True)):  # what was timed is right
         _check_last_writer_wins(rng, nbytes, slots, pay_rows,
-                                lambda check: scatter(dd, general, check,
+                                lambda check: scatter(dest, general, check,
                                                       be.scatter_state(nbytes)))
     return out
 
@@ -279,6 +283,7 @@ def _table(res: dict) -> str:
         lines.append(f"{'GPU 64B run scatter (GB/s payload r+w)':44s} {s['GBps']:16.1f} "
                      f"{g['copy']['GBps']:17.1f} copy {s['fraction_of_copy']:8.2%}")
         for key, label in (("run_scatter_64B_distinct", "distinct slots"),
+                           ("run_scatter_64B_distinct_byte_offsets", "distinct, byte offsets"),
                            ("run_scatter_64B_unordered_floor", "distinct, unordered"),
                            ("random_64B_write_ceiling", "device ceiling"),
                            ("run_scatter_64B_general", "per-run offsets/lengths")):

@@ -14,10 +14,73 @@ from _common import gpu_timed as timed  # noqa: E402  (benchmarks/ is on sys.pat
 from bench_kernels import scatter_ceiling  # noqa: E402
 
 
+_VARIANTS_SRC = r"""
+// Ceiling variants: run r (4 lanes of 16 bytes) to the computed distinct slot (r * odd) mod 2^k,
+// each lane loading its chunks of K runs before storing any. HINT: 1 streaming loads (__ldcs),
+// 2 streaming stores (__stcs), 4 write-through stores (__stwt).
+#define LD(p) (HINT & 1 ? __ldcs(p) : *(p))
+#define ST(p, v) do { if (HINT & 2) __stcs((p), (v)); else if (HINT & 4) __stwt((p), (v)); \
+                      else *(p) = (v); } while (0)
+typedef long long i64;
+extern "C" __global__ void ceiling_k(uint4* dst, const uint4* src, i64 n, unsigned mask) {
+    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    uint4 v[K];
+#pragma unroll
+    for (int j = 0; j < K; ++j) if (((t + j * stride) >> 2) < n) v[j] = LD(src + t + j * stride);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+        i64 c = t + j * stride;
+        if ((c >> 2) < n) ST(dst + (i64)(((unsigned)(c >> 2) * 2654435761u) & mask) * 4 + (c & 3), v[j]);
+    }
+}
+// The same with the destination read from an index: byte offsets (i64) or granule numbers (u32).
+extern "C" __global__ void indexed(uint4* dst, const uint4* src, const IDX* dest, i64 n) {
+    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if ((t >> 2) < n) dst[(GRANULES ? (i64)dest[t >> 2] << 2 : (i64)dest[t >> 2] >> 4) + (t & 3)] = src[t];
+}
+"""
+
+
+def ceiling_variants(copy_bw):
+    """Does anything lift the random 64-byte write ceiling? Cache hints and runs per lane (no),
+    the arena's size, and what reading an index costs (8-byte offsets vs 4-byte granule
+    numbers)."""
+    n = (1 << 30) // 256
+    rng = cp.random.default_rng(3)
+    pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
+
+    def frac(t):
+        return f"{2 * n * 64 / t / copy_bw:6.1%} of copy"
+
+    for arena_log2 in (28, 30, 32):
+        arena = cp.full(1 << arena_log2, 3, cp.uint8)
+        mask = np.uint32(arena.size // 64 - 1)
+        for hint in ((0, 1, 2, 3, 4) if arena_log2 == 30 else (0,)):
+            for k in ((1, 2, 4, 8) if arena_log2 == 30 else (1,)):
+                fn = cp.RawModule(code=_VARIANTS_SRC, options=(
+                    f"-DK={k}", f"-DHINT={hint}", "-DIDX=int", "-DGRANULES=0")).get_function(
+                    "ceiling_k")
+                t = timed(lambda: fn(((4 * n + 256 * k - 1) // (256 * k),), (256,),
+                                     (arena, pay, np.int64(n), mask)))
+                print(f"{arena.size >> 20:5d} MiB arena: ceiling, {k} run(s)/lane, hint {hint}: "
+                      f"{frac(t)}")
+        slots = np.random.default_rng(4).permutation(arena.size // 64)[:n]
+        for label, dest, idx, granules in (
+                ("8-byte offsets", cp.asarray(slots * 64).astype(cp.int64), "long long", 0),
+                ("4-byte granule numbers", cp.asarray(slots).astype(cp.uint32), "unsigned", 1)):
+            fn = cp.RawModule(code=_VARIANTS_SRC, options=(
+                "-DK=1", "-DHINT=0", f"-DIDX={idx}", f"-DGRANULES={granules}")).get_function(
+                "indexed")
+            t = timed(lambda: fn(((4 * n + 255) // 256,), (256,), (arena, pay, dest, np.int64(n))))
+            print(f"{arena.size >> 20:5d} MiB arena: unordered, indexed by {label}: {frac(t)}")
+        arena = None  # noqa: F841  (freed before the next size)
+
+
 def scatter_variants(copy_bw):
     """The hardware's ceiling for random 64-byte writes (no index read; no payload read either),
-    the unordered run copy (mode 0) of 64-byte runs with 1, 2 or 4 chunks of 16 bytes per
-    thread, and the ordered scatter, pass by pass, on distinct and on colliding slots."""
+    the unordered run copy of 64-byte runs (the general kernel with 1, 2 or 4 chunks of 16 bytes
+    per thread; the granule-numbered one), and the ordered scatter, pass by pass, on distinct and
+    on colliding slots, with what the launches after pass 1 cost when nothing collides."""
     from mmsb_dist import _gpu
     from mmsb_dist.backend import get_backend
 
@@ -36,31 +99,43 @@ def scatter_variants(copy_bw):
     host = np.random.default_rng(2)
     distinct = cp.asarray(host.permutation(nbytes // 64)[:n] * 64).astype(cp.int64)
     colliding = cp.asarray(host.integers(0, nbytes // 64, n) * 64).astype(cp.int64)
+    granules = {id(d): (d >> 6).astype(cp.uint32) for d in (distinct, colliding)}
     dummy = cp.zeros(1, cp.int64)
     k = be._k["runs_apply"]
     for lanes_log2 in (2, 1, 0):
-        args = (arena, pay, distinct, dummy, dummy, np.int64(64), np.int64(n),
+        args = (arena, pay, distinct, np.int32(0), dummy, dummy, np.int64(64), np.int64(n),
                 np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
                 be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8,
                 be._dummy32)
         t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
         print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
               f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+    t = timed(lambda: be._launch_granules(arena, pay, granules[id(distinct)], 64, None))
+    print(f"scatter unordered, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
+          f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
     state = be.scatter_state(nbytes)
-    t = timed(lambda: (be._launch_runs(arena, pay, distinct, dummy, dummy, mode=1, maxlen=64,
-                                       ulen=64, state=state), state.bits.fill(0)))
-    print(f"scatter pass 1 only (write + mark), distinct: {n / t / 1e9:6.2f} G runs/s")
+    gd = granules[id(distinct)]
+    for label, post in (("pass 1 + clear", False), ("pass 1, stamp, rewrite, clear", True)):
+        def once():
+            be._launch_granules(arena, pay, gd, 64, state)
+            if post:
+                be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64,
+                                state=state, conf_runs=be._launch_stamp(gd, dummy, 64, state))
+            state.bits.fill(0)
+        t = timed(once)
+        print(f"granule-numbered {label}, distinct: {2 * n * 64 / t / copy_bw:6.1%} of copy")
     # Each pass of the ordered scatter, timed alone.
     ev = [cp.cuda.Event() for _ in range(4)]
     for label, dest in (("distinct", distinct), ("colliding", colliding)):
         st = be.scatter_state(nbytes)
+        gd = granules[id(dest)]
         for rep in range(3):
             ev[0].record()
-            be._launch_runs(arena, pay, dest, dummy, dummy, mode=1, maxlen=64, ulen=64, state=st)
+            be._launch_granules(arena, pay, gd, 64, st)
             ev[1].record()
-            conf_runs = be._launch_stamp(dest, dummy, 64, st)
+            conf_runs = be._launch_stamp(gd, dummy, 64, st)
             ev[2].record()
-            be._launch_runs(arena, pay, dest, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
+            be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
                             conf_runs=conf_runs)
             ev[3].record()
             ev[3].synchronize()
@@ -71,13 +146,17 @@ def scatter_variants(copy_bw):
             print(f"{label} passes (ms): pass1 {ms[0]:.3f} stamp {ms[1]:.3f} rewrite {ms[2]:.3f}"
                   f"  listed={listed} fixups={fixes}")
         pairs = _gpu._granule_span(dest, cp.full(n, 64, cp.int64))
+        t = timed(lambda: be.scatter_device(arena, gd, None, None, pay, state, maxlen=64,
+                                            ulen=64, granule_pairs=pairs, run_bytes=64 * n))
+        print(f"scatter ordered, {label:9s}, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
+              f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
         default = _gpu._CHUNKS_PER_LANE
         for per_lane in (1, 2, 1, 2):
             _gpu._CHUNKS_PER_LANE = per_lane
             t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, state, maxlen=64,
                                                 ulen=64, granule_pairs=pairs, run_bytes=64 * n))
-            print(f"scatter ordered, {label:9s}, {per_lane} chunk(s)/thread: {n / t / 1e9:6.2f} G "
-                  f"runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+            print(f"scatter ordered, {label:9s}, byte offsets, {per_lane} chunk(s)/thread: "
+                  f"{n / t / 1e9:6.2f} G runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
         _gpu._CHUNKS_PER_LANE = default
 
 
@@ -88,6 +167,7 @@ def main():
     dst = cp.empty_like(src)
     copy_bw = 2 * nbytes / timed(lambda: cp.copyto(dst, src))
     print(f"copy {copy_bw / 1e9:8.1f} GB/s")
+    ceiling_variants(copy_bw)
     scatter_variants(copy_bw)
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     payload = rng.integers(1, 256, nbytes, dtype=cp.uint8)

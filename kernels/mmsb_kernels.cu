@@ -24,13 +24,14 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 
 // ---- runs ---------------------------------------------------------------------------------------
 // Keeping batch order (later runs win) without sorting, optimistically:
-//   pass 1 (runs_apply, mode 1): every run writes all its bytes and marks, with atomicOr, a `seen`
-//          bit for each granule it touches; a run that finds the bit already set marks the granule
-//          in `conf` and raises a `conf_flags` word (one of CONF_FLAG_WORDS, picked by block: a flag
-//          that every warp with a collision stored to would serialize them all). Both bitmaps
-//          (1 bit per granule) stay in L2. Bytes in granules that only one run touched are final
-//          after this pass: in most batches, all. A lane issues its first mark before its copy and
-//          looks at the answer after it, so the two round trips overlap.
+//   pass 1 (runs_apply, mode 1; runs_granules for `gidx` runs): every run writes all its bytes
+//          and marks, with atomicOr, a `seen` bit for each granule it touches; a run that finds
+//          the bit already set marks the granule in `conf` and raises a `conf_flags` word (one of
+//          CONF_FLAG_WORDS, picked by block: a flag that every warp with a collision stored to
+//          would serialize them all). Both bitmaps (1 bit per granule) stay in L2. Bytes in
+//          granules that only one run touched are final after this pass: in most batches, all. A
+//          lane issues its first mark before its copy and looks at the answer after it, so the two
+//          round trips overlap.
 //   pass 2 (runs_stamp): returns at once unless a conf flag is up; else in `conf` granules each
 //          run records key = key_base + index + 1 with atomicMax: the largest key is the last
 //          toucher. It lists those runs and counts them in counters[1].
@@ -41,8 +42,13 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 //          flagged granule, clipped to it (runs_fix_*). Whole-granule writes never need that, so
 //          for them the host never waits for the device: every decision is taken on the device.
 // Runs come as dest[] plus either per-run soff[]/len[] or one uniform length (soff = r * len).
+// dest[] holds byte offsets (i64), or granule numbers (u32; `gidx`) when every run is a uniform,
+// granule-aligned run of whole granules: then pass 1 is runs_granules, a thread per 16-byte chunk
+// with nothing to decide, and the index is half the size.
 
+#ifndef CONF_FLAG_WORDS
 #define CONF_FLAG_WORDS 1024  // as _CONF_FLAG_WORDS in _gpu.py
+#endif
 #define RUN_LEN(r) (ulen ? ulen : len[r])
 #define RUN_SRC(r) (ulen ? (r) * ulen : soff[r])
 
@@ -50,11 +56,53 @@ __device__ __forceinline__ bool bit_of(const u32* __restrict__ bits, i64 g) {
     return (bits[g >> 5] >> (g & 31)) & 1u;
 }
 
-extern "C" __global__ void runs_stamp(const i64* __restrict__ dest, const i64* __restrict__ len,
-                                      i64 ulen, i64 n, u32 key_base, u32* __restrict__ stamp,
-                                      const u32* __restrict__ conf, u32* __restrict__ counters,
-                                      u32* __restrict__ conf_runs, int gshift,
-                                      const u32* __restrict__ conf_flags) {
+// Run r's first byte in the arena.
+__device__ __forceinline__ i64 dest_of(const void* __restrict__ dest, int gidx, int gshift, i64 r) {
+    return gidx ? (i64)__ldg((const u32*)dest + r) << gshift : __ldg((const i64*)dest + r);
+}
+
+// Pass 1, given the old `seen` word of granule g: if the granule was touched before, marks it in
+// `conf` and returns true.
+__device__ __forceinline__ bool collided_at(i64 g, u32 old, u32* __restrict__ conf) {
+    u32 bit = 1u << (g & 31);
+    if (!(old & bit)) return false;
+    atomicOr(&conf[g >> 5], bit);
+    return true;
+}
+
+// One store per warp that saw a collision, to its block's flag word. Every lane of the warp calls.
+__device__ __forceinline__ void raise_conf_flag(bool collided, u32* __restrict__ conf_flags) {
+    u32 voters = __ballot_sync(__activemask(), collided);
+    if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
+        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+}
+
+// Pass 1 (mode 1), or a plain copy (mode 0), of `gidx` runs: uniform runs of 2^cpr_log2 16-byte
+// chunks, each at a granule-aligned place, so chunk t of the batch is payload chunk t. One thread
+// per chunk; the thread on a granule's first chunk marks it before its copy and looks at the
+// answer after it.
+extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* __restrict__ src,
+                                         const u32* __restrict__ gdest, i64 n, int cpr_log2,
+                                         int mode, u32* __restrict__ seen, u32* __restrict__ conf,
+                                         u32* __restrict__ conf_flags, int gshift) {
+    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    bool collided = false;
+    if ((t >> cpr_log2) < n) {
+        i64 p = ((i64)gdest[t >> cpr_log2] << gshift) + (t & ((1 << cpr_log2) - 1)) * 16;
+        i64 g = p >> gshift;
+        bool marks = mode == 1 && (p & ((1 << gshift) - 1)) == 0;
+        u32 old = marks ? atomicOr(&seen[g >> 5], 1u << (g & 31)) : 0u;
+        dst[p >> 4] = src[t];
+        collided = marks && collided_at(g, old, conf);
+    }
+    raise_conf_flag(collided, conf_flags);
+}
+
+extern "C" __global__ void runs_stamp(const void* __restrict__ dest, int gidx,
+                                      const i64* __restrict__ len, i64 ulen, i64 n, u32 key_base,
+                                      u32* __restrict__ stamp, const u32* __restrict__ conf,
+                                      u32* __restrict__ counters, u32* __restrict__ conf_runs,
+                                      int gshift, const u32* __restrict__ conf_flags) {
     __shared__ u32 block_hits, block_base;
     u32 raised = 0;
     for (int w = threadIdx.x; w < CONF_FLAG_WORDS; w += blockDim.x) raised |= conf_flags[w];
@@ -64,7 +112,7 @@ extern "C" __global__ void runs_stamp(const i64* __restrict__ dest, const i64* _
         i64 r = r0 + threadIdx.x;
         bool hit = false;
         if (r < n) {
-            i64 d = dest[r];
+            i64 d = dest_of(dest, gidx, gshift, r);
             i64 g1 = (d + RUN_LEN(r) - 1) >> gshift;
             u32 key = key_base + (u32)r + 1u;
             for (i64 g = d >> gshift; g <= g1; ++g) {
@@ -98,13 +146,13 @@ __device__ __forceinline__ void flag_fixup(i64 g, u8* fixflag, u32* fixcount) {
 // Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? If not, and the last
 // toucher does not cover them, flag the granule.
 __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
-                                     const u32* __restrict__ stamp, const i64* __restrict__ dest,
-                                     const i64* __restrict__ len, i64 ulen, u8* fixflag,
-                                     u32* fixcount) {
+                                     const u32* __restrict__ stamp, const void* __restrict__ dest,
+                                     int gidx, int gshift, const i64* __restrict__ len, i64 ulen,
+                                     u8* fixflag, u32* fixcount) {
     u32 w = stamp[g];
     if (w == key) return true;
     i64 lr = (i64)(w - key_base - 1u);
-    i64 ld = dest[lr];
+    i64 ld = dest_of(dest, gidx, gshift, lr);
     if (!(ld <= p && p + m <= ld + RUN_LEN(lr))) flag_fixup(g, fixflag, fixcount);
     return false;
 }
@@ -113,10 +161,12 @@ __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
 __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key, u32 key_base,
                                           const u32* __restrict__ stamp,
                                           const u32* __restrict__ conf,
-                                          const i64* __restrict__ dest, const i64* __restrict__ len,
-                                          i64 ulen, u8* fixflag, u32* fixcount) {
+                                          const void* __restrict__ dest, int gidx, int gshift,
+                                          const i64* __restrict__ len, i64 ulen, u8* fixflag,
+                                          u32* fixcount) {
     if (mode != 2) return true;
-    return bit_of(conf, g) && owns(g, p, m, key, key_base, stamp, dest, len, ulen, fixflag, fixcount);
+    return bit_of(conf, g) && owns(g, p, m, key, key_base, stamp, dest, gidx, gshift, len, ulen,
+                                   fixflag, fixcount);
 }
 
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
@@ -125,51 +175,46 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 // counters = [fixups, listed runs].
 __device__ __forceinline__ void apply_run(
     i64 r, int lane, int lanes, u8* __restrict__ dst, const u8* __restrict__ src,
-    const i64* __restrict__ dest, const i64* __restrict__ soff, const i64* __restrict__ len,
+    const void* __restrict__ dest, int gidx, const i64* __restrict__ soff,
+    const i64* __restrict__ len,
     i64 ulen, int mode, u32 key_base, const u32* __restrict__ stamp, u32* __restrict__ seen,
     u32* __restrict__ conf, u32* __restrict__ counters, int gshift, u8* fixflag,
     u32* __restrict__ conf_flags) {
     u32* fixcount = counters;
-    i64 d = dest[r], s = RUN_SRC(r), L = RUN_LEN(r);
+    i64 d = dest_of(dest, gidx, gshift, r), s = RUN_SRC(r), L = RUN_LEN(r);
     u32 key = key_base + (u32)r + 1u;
     i64 g0 = (d >> gshift) + lane, glast = (d + L - 1) >> gshift;
     u32 old0 = 0;
     if (mode == 1 && g0 <= glast) old0 = atomicOr(&seen[g0 >> 5], 1u << (g0 & 31));  // read below
-    bool vec = ((d | s) & 15) == 0;
+    bool vec = (((u64)(dst + d) | (u64)(src + s)) & 15) == 0;  // a payload view may be unaligned
     for (i64 c = (i64)lane * 16; c < L; c += (i64)lanes * 16) {
         i64 m = L - c < 16 ? L - c : 16;
         i64 ga = (d + c) >> gshift, gb = (d + c + m - 1) >> gshift;
         if (vec && m == 16 && ga == gb) {
-            if (may_write(mode, ga, d + c, 16, key, key_base, stamp, conf, dest, len, ulen, fixflag,
-                          fixcount))
+            if (may_write(mode, ga, d + c, 16, key, key_base, stamp, conf, dest, gidx, gshift, len,
+                          ulen, fixflag, fixcount))
                 *(uint4*)(dst + d + c) = *(const uint4*)(src + s + c);
             continue;
         }
         for (i64 i = 0; i < m; ++i) {
             i64 p = d + c + i;
-            if (may_write(mode, p >> gshift, p, 1, key, key_base, stamp, conf, dest, len, ulen,
-                          fixflag, fixcount))
+            if (may_write(mode, p >> gshift, p, 1, key, key_base, stamp, conf, dest, gidx, gshift,
+                          len, ulen, fixflag, fixcount))
                 dst[p] = src[s + c + i];
         }
     }
     if (mode != 1) return;
     bool collided = false;
     for (i64 g = g0; g <= glast; g += lanes) {
-        u32 bit = 1u << (g & 31);
-        u32 old = g == g0 ? old0 : atomicOr(&seen[g >> 5], bit);
-        if (old & bit) {
-            atomicOr(&conf[g >> 5], bit);
-            collided = true;
-        }
+        u32 old = g == g0 ? old0 : atomicOr(&seen[g >> 5], 1u << (g & 31));
+        collided |= collided_at(g, old, conf);
     }
-    // One store per warp that saw a collision, to its block's flag word.
-    u32 voters = __ballot_sync(__activemask(), collided);
-    if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
-        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+    raise_conf_flag(collided, conf_flags);
 }
 
 extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
-                                      const i64* __restrict__ dest, const i64* __restrict__ soff,
+                                      const void* __restrict__ dest, int gidx,
+                                      const i64* __restrict__ soff,
                                       const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
                                       int mode, u32 key_base, const u32* __restrict__ stamp,
                                       u32* __restrict__ seen, u32* __restrict__ conf,
@@ -186,7 +231,8 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
          t += (i64)gridDim.x * blockDim.x) {
         i64 r = t >> lanes_log2;
         if (mode == 2) r = conf_runs[r];
-        apply_run(r, (int)(t & (lanes - 1)), lanes, dst, src, dest, soff, len, ulen, mode, key_base,
+        apply_run(r, (int)(t & (lanes - 1)), lanes, dst, src, dest, gidx, soff, len, ulen, mode,
+                  key_base,
                   stamp, seen, conf, counters, gshift, fixflag, conf_flags);
     }
 }

@@ -20,7 +20,7 @@ from mmsb_dist.kernels import cuda_source
 
 _BLOCK = 256
 _GSHIFT = int(math.log2(limits.scatter_granule_bytes))
-_KERNELS = ("runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
+_KERNELS = ("runs_granules", "runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
 _CONF_FLAG_WORDS = 1024  # as CONF_FLAG_WORDS in the .cu file
@@ -73,6 +73,14 @@ def split_runs(dest, src, lengths, piece_bytes: int):
 def _granule_span(dest: np.ndarray, lengths: np.ndarray) -> int:
     """How many (granule, run) pairs the runs touch in all."""
     return int((((dest + lengths - 1) >> _GSHIFT) - (dest >> _GSHIFT) + 1).sum())
+
+
+def _granule_chunks_log2(ulen: int) -> int:
+    """log2 of a run's 16-byte chunks when runs of uniform length ``ulen`` can be indexed by
+    granule number (``ulen`` a power of two, whole granules); else 0."""
+    if ulen < limits.scatter_granule_bytes or ulen & (ulen - 1):
+        return 0
+    return ulen.bit_length() - 5
 
 
 def _uniform_length(src: np.ndarray, lengths: np.ndarray) -> int:
@@ -146,9 +154,12 @@ class CupyBackend(Backend):
         if not ln.size:
             return
         ulen = _uniform_length(s, ln)
-        if ulen:
+        sd = ld = None
+        if (ulen and _granule_chunks_log2(ulen) and payload.data.ptr % 16 == 0
+                and not (d & (limits.scatter_granule_bytes - 1)).any()):
+            dd = cp.asarray((d >> _GSHIFT).astype(np.uint32))  # granule numbers: half the bytes
+        elif ulen:
             dd, = self._index(d)
-            sd = ld = None
         else:
             dd, sd, ld = self._index(d, s, ln)
         self.scatter_device(arena, dd, sd, ld, payload, state, maxlen=int(ln.max()), ulen=ulen,
@@ -158,21 +169,33 @@ class CupyBackend(Backend):
                        granule_pairs: int, run_bytes: int) -> None:
         """Scatter runs whose index arrays are on the device: ``dd`` plus either ``sd``/``ld`` or a
         uniform length ``ulen`` (run r's bytes at payload[r*ulen:]). Runs must be no longer than
-        ``limits.scatter_piece_bytes_max``. ``granule_pairs`` is how many (granule, run) pairs the
-        runs touch (``_granule_span``) and ``run_bytes`` their total length: when every run covers
-        whole granules (pairs * granule == bytes) no fixup can be needed and nothing here waits
-        for the device; otherwise the host reads the fixup counter after pass 3."""
+        ``limits.scatter_piece_bytes_max``. ``dd`` holds int64 byte offsets, or uint32 granule
+        numbers when the runs are whole granules of a uniform power-of-two length (``ulen``; see
+        ``_granule_chunks_log2``; the payload 16-byte aligned). ``granule_pairs`` is how many
+        (granule, run) pairs the runs touch (``_granule_span``) and ``run_bytes`` their total
+        length: when every run covers whole granules (pairs * granule == bytes) no fixup can be
+        needed and nothing here waits for the device; otherwise the host reads the fixup counter
+        after pass 3."""
         n = int(dd.size)
+        gidx = dd.dtype == cp.uint32
+        if gidx and not (sd is None and ld is None and _granule_chunks_log2(ulen)
+                         and payload.data.ptr % 16 == 0):
+            raise ValueError(f"granule-numbered runs need one power-of-two length of whole "
+                             f"granules and an aligned payload, not ulen={ulen}")
         if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
             state.stamp.fill(0)
             state.key_base = 0
         sd = self._dummy64 if sd is None else sd
         ld = self._dummy64 if ld is None else ld
         run = dict(ulen=ulen, state=state, maxlen=maxlen)
-        self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
+        if gidx:
+            self._launch_granules(arena, payload, dd, ulen, state)
+        else:
+            self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
         conf_runs = self._launch_stamp(dd, ld, ulen, state)
         self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs, **run)
-        if granule_pairs << _GSHIFT != run_bytes and int(state.counters[:1].get()[0]):
+        whole = gidx or granule_pairs << _GSHIFT == run_bytes
+        if not whole and int(state.counters[:1].get()[0]):
             self._fixup(arena, payload, dd, sd, ld, ulen, granule_pairs, state)
         state.bits.fill(0)
         state.key_base += n
@@ -183,7 +206,8 @@ class CupyBackend(Backend):
         n = int(dd.size)
         conf_runs = cp.empty(n, cp.uint32)
         self._k["runs_stamp"](self._resident_grid(n), (_BLOCK,),
-                              (dd, ld, np.int64(ulen), np.int64(n), np.uint32(state.key_base),
+                              (dd, np.int32(dd.dtype == cp.uint32), ld, np.int64(ulen),
+                               np.int64(n), np.uint32(state.key_base),
                                state.stamp, state.conf, state.counters, conf_runs,
                                np.int32(_GSHIFT), state.conf_flags))
         return conf_runs
@@ -192,6 +216,17 @@ class CupyBackend(Backend):
         """A grid of at most as many threads as the device holds at once (for kernels whose
         threads stride over their work)."""
         return _grid(min(threads, self._sms * 2048))
+
+    def _launch_granules(self, dst, src, gd, ulen: int, state: ScatterState | None) -> None:
+        """Pass 1 (with ``state``) or a plain copy (without) of granule-numbered runs
+        (``runs_granules``): one thread per 16-byte chunk."""
+        n, cpr_log2 = int(gd.size), _granule_chunks_log2(ulen)
+        st, d32 = state, self._dummy32
+        self._k["runs_granules"](
+            _grid(n << cpr_log2), (_BLOCK,),
+            (dst, src, gd, np.int64(n), np.int32(cpr_log2), np.int32(1 if st else 0),
+             st.seen if st else d32, st.conf if st else d32, st.conf_flags if st else d32,
+             np.int32(_GSHIFT)))
 
     def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None,
                      conf_runs=None) -> None:
@@ -204,7 +239,8 @@ class CupyBackend(Backend):
         d32 = self._dummy32
         self._k["runs_apply"](
             grid, (_BLOCK,),
-            (dst, src, dd, sd, ld, np.int64(ulen), np.int64(n), np.int32(lanes_log2),
+            (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen), np.int64(n),
+             np.int32(lanes_log2),
              np.int32(mode), np.uint32(st.key_base if st else 0),
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
              st.counters if st else self._dummy_counters,

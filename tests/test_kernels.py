@@ -186,6 +186,56 @@ def test_scatter_whole_granule_runs_of_mixed_lengths_with_collisions(backend, rn
     _scatter_batches_match_reference(backend, rng, size, runs)
 
 
+@pytest.mark.parametrize("ulen", [64, 128, 192, 4096, 8192])
+def test_scatter_uniform_runs_of_whole_granules_with_collisions(backend, rng, ulen):
+    """One length for every run, every run at a granule boundary, many on the same granules: on
+    the GPU, power-of-two lengths (8192 is cut into 4096-byte pieces) are indexed by granule
+    number and copied a thread per chunk; 192 takes the general kernel."""
+    size = 1 << 17
+    n = 600
+
+    def runs():
+        granules = rng.integers(0, (size - ulen) // 64, n // 3)
+        dest = rng.choice(granules, n) * 64
+        return dest, np.arange(n, dtype=np.int64) * ulen, np.full(n, ulen, np.int64)
+
+    _scatter_batches_match_reference(backend, rng, size, runs)
+
+
+@pytest.mark.gpu
+def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend, rng,
+                                                                        monkeypatch):
+    """The granule-numbered pass 1 takes the batches it can (64-byte runs at 64-byte places, an
+    aligned payload) and no other: a run off a granule boundary, a length that is not a power of
+    two, or a payload view that is not 16-byte aligned goes to the general kernel, which gives
+    the same bytes."""
+    if backend.name != "cupy":
+        pytest.skip("the granule-numbered pass belongs to the CUDA scatter")
+    taken = []
+    launch = backend._launch_granules
+    monkeypatch.setattr(backend, "_launch_granules",
+                        lambda *a, **k: (taken.append(a[3]), launch(*a, **k)))
+    size, n = 1 << 16, 500
+    dest = rng.integers(0, size // 64 - 4, n) * 64
+    for label, d, ulen, offset, want_taken in (
+            ("aligned 64-byte runs", dest, 64, 0, True),
+            ("one run off a granule boundary", np.where(np.arange(n) == 7, dest + 16, dest), 64,
+             0, False),
+            ("192-byte runs", dest, 192, 0, False),
+            ("payload view 8 bytes in", dest, 64, 8, False)):
+        arena = rng.integers(0, 256, size, dtype=np.uint8)
+        payload = rng.integers(0, 256, n * ulen + offset, dtype=np.uint8)
+        src, lengths = np.arange(n, dtype=np.int64) * ulen, np.full(n, ulen, np.int64)
+        want = arena.copy()
+        ref.scatter_runs(want, d, src, lengths, payload[offset:])
+        dev = _dev(backend, arena)
+        taken.clear()
+        backend.scatter_runs(dev, d, src, lengths, _dev(backend, payload)[offset:],
+                             backend.scatter_state(size))
+        np.testing.assert_array_equal(backend.to_host(dev), want, err_msg=label)
+        assert bool(taken) == want_taken, label
+
+
 @pytest.mark.gpu
 def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
     """Last-writer keys are key_base + run index + 1 in 32 bits; a batch that would wrap them
