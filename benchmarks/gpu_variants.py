@@ -30,13 +30,16 @@ extern "C" __global__ void ceiling_k(uint4* dst, const uint4* src, i64 n, unsign
 #pragma unroll
     for (int j = 0; j < K; ++j) {
         i64 c = t + j * stride;
-        if ((c >> 2) < n) ST(dst + (i64)(((unsigned)(c >> 2) * 2654435761u) & mask) * 4 + (c & 3), v[j]);
+        unsigned slot = ((unsigned)(c >> 2) * 2654435761u) & mask;
+        if ((c >> 2) < n) ST(dst + (i64)slot * 4 + (c & 3), v[j]);
     }
 }
 // The same with the destination read from an index: byte offsets (i64) or granule numbers (u32).
 extern "C" __global__ void indexed(uint4* dst, const uint4* src, const IDX* dest, i64 n) {
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    if ((t >> 2) < n) dst[(GRANULES ? (i64)dest[t >> 2] << 2 : (i64)dest[t >> 2] >> 4) + (t & 3)] = src[t];
+    if ((t >> 2) >= n) return;
+    i64 d = GRANULES ? (i64)dest[t >> 2] << 2 : (i64)dest[t >> 2] >> 4;  // in 16-byte units
+    dst[d + (t & 3)] = src[t];
 }
 """
 

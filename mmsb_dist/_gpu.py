@@ -1,6 +1,7 @@
 """CuPy backend: the kernels of ``kernels/mmsb_kernels.cu`` on one CUDA device.
 
-Index arrays arrive on the host (int64) and go to the device in one copy per call; payloads are
+Index arrays arrive on the host (int64) and go to the device in one copy per call (a batch of
+uniform whole-granule runs sends u32 granule numbers instead of byte offsets); payloads are
 uploaded once per batch by the arena. One kernel launch per batch and kernel kind. A run scatter
 takes its decisions on the device (see ``runs_stamp`` in the .cu file); the host waits for it only
 when some run covers a granule partly (to learn whether the fixup pass is needed).
@@ -83,6 +84,13 @@ def _granule_chunks_log2(ulen: int) -> int:
     return ulen.bit_length() - 5
 
 
+def _granule_numbered(ulen: int, payload) -> bool:
+    """Whether runs of uniform length ``ulen`` from ``payload`` may be sent as granule numbers
+    (``runs_granules``), given that each starts on a granule boundary: a power-of-two length of
+    whole granules, and a 16-byte aligned payload."""
+    return bool(_granule_chunks_log2(ulen)) and payload.data.ptr % 16 == 0
+
+
 def _uniform_length(src: np.ndarray, lengths: np.ndarray) -> int:
     """L when every run has length L and run r's bytes start at r*L (a 2-D payload), else 0."""
     first = int(lengths[0])
@@ -155,8 +163,7 @@ class CupyBackend(Backend):
             return
         ulen = _uniform_length(s, ln)
         sd = ld = None
-        if (ulen and _granule_chunks_log2(ulen) and payload.data.ptr % 16 == 0
-                and not (d & (limits.scatter_granule_bytes - 1)).any()):
+        if _granule_numbered(ulen, payload) and not (d & (limits.scatter_granule_bytes - 1)).any():
             dd = cp.asarray((d >> _GSHIFT).astype(np.uint32))  # granule numbers: half the bytes
         elif ulen:
             dd, = self._index(d)
@@ -178,8 +185,7 @@ class CupyBackend(Backend):
         after pass 3."""
         n = int(dd.size)
         gidx = dd.dtype == cp.uint32
-        if gidx and not (sd is None and ld is None and _granule_chunks_log2(ulen)
-                         and payload.data.ptr % 16 == 0):
+        if gidx and not (sd is None and ld is None and _granule_numbered(ulen, payload)):
             raise ValueError(f"granule-numbered runs need one power-of-two length of whole "
                              f"granules and an aligned payload, not ulen={ulen}")
         if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
