@@ -310,7 +310,8 @@ extern "C" __global__ void masked_merge(u8* __restrict__ arena, const u8* __rest
     const u8* mk0 = masks + moff[i];
     i64 cbase = block_chunk0[blockIdx.x] * 16 + (i64)threadIdx.x * 16;
     i64 step = (i64)blockDim.x * 16;
-    if (((d0 | s0) & 15) == 0 && cbase + (CHUNKS_PER_THREAD - 1) * step + 16 <= L) {
+    if ((((u64)(arena + d0) | (u64)(payload + s0)) & 15) == 0 &&  // views may be unaligned
+        cbase + (CHUNKS_PER_THREAD - 1) * step + 16 <= L) {
         // Fast path: every chunk of this thread is whole and aligned. Masks first, then every
         // load the masks call for (the payload unless all bits are 0, the old bytes unless all are
         // 1) before any store, to keep many bytes in flight.
@@ -353,7 +354,7 @@ extern "C" __global__ void runs_zero(u8* __restrict__ arena, const i64* __restri
         i64 c = (block_chunk0[blockIdx.x] + (i64)k * blockDim.x + threadIdx.x) * 16;
         if (c >= L) break;
         i64 d = d0 + c;
-        if (L - c >= 16 && (d & 15) == 0) {
+        if (L - c >= 16 && ((u64)(arena + d) & 15) == 0) {
             *(uint4*)(arena + d) = make_uint4(0, 0, 0, 0);
             continue;
         }

@@ -84,11 +84,12 @@ def _granule_chunks_log2(ulen: int) -> int:
     return ulen.bit_length() - 5
 
 
-def _granule_numbered(ulen: int, payload) -> bool:
-    """Whether runs of uniform length ``ulen`` from ``payload`` may be sent as granule numbers
-    (``runs_granules``), given that each starts on a granule boundary: a power-of-two length of
-    whole granules, and a 16-byte aligned payload."""
-    return bool(_granule_chunks_log2(ulen)) and payload.data.ptr % 16 == 0
+def _granule_numbered(ulen: int, arena, payload) -> bool:
+    """Whether runs of uniform length ``ulen`` from ``payload`` into ``arena`` may be sent as
+    granule numbers (``runs_granules``), given that each starts on a granule boundary: a
+    power-of-two length of whole granules, and 16-byte aligned buffers (either may be a view)."""
+    return (bool(_granule_chunks_log2(ulen)) and arena.data.ptr % 16 == 0
+            and payload.data.ptr % 16 == 0)
 
 
 def _uniform_length(src: np.ndarray, lengths: np.ndarray) -> int:
@@ -163,7 +164,8 @@ class CupyBackend(Backend):
             return
         ulen = _uniform_length(s, ln)
         sd = ld = None
-        if _granule_numbered(ulen, payload) and not (d & (limits.scatter_granule_bytes - 1)).any():
+        if (_granule_numbered(ulen, arena, payload)
+                and not (d & (limits.scatter_granule_bytes - 1)).any()):  # all on boundaries
             dd = cp.asarray((d >> _GSHIFT).astype(np.uint32))  # granule numbers: half the bytes
         elif ulen:
             dd, = self._index(d)
@@ -178,16 +180,16 @@ class CupyBackend(Backend):
         uniform length ``ulen`` (run r's bytes at payload[r*ulen:]). Runs must be no longer than
         ``limits.scatter_piece_bytes_max``. ``dd`` holds int64 byte offsets, or uint32 granule
         numbers when the runs are whole granules of a uniform power-of-two length (``ulen``; see
-        ``_granule_chunks_log2``; the payload 16-byte aligned). ``granule_pairs`` is how many
+        ``_granule_chunks_log2``; arena and payload 16-byte aligned). ``granule_pairs`` is how many
         (granule, run) pairs the runs touch (``_granule_span``) and ``run_bytes`` their total
         length: when every run covers whole granules (pairs * granule == bytes) no fixup can be
         needed and nothing here waits for the device; otherwise the host reads the fixup counter
         after pass 3."""
         n = int(dd.size)
         gidx = dd.dtype == cp.uint32
-        if gidx and not (sd is None and ld is None and _granule_numbered(ulen, payload)):
+        if gidx and not (sd is None and ld is None and _granule_numbered(ulen, arena, payload)):
             raise ValueError(f"granule-numbered runs need one power-of-two length of whole "
-                             f"granules and an aligned payload, not ulen={ulen}")
+                             f"granules and aligned buffers, not ulen={ulen}")
         if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
             state.stamp.fill(0)
             state.key_base = 0

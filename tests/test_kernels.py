@@ -120,6 +120,39 @@ def test_zero_runs_matches_reference(backend, rng):
     np.testing.assert_array_equal(backend.to_host(dev), want)
 
 
+def test_kernels_take_views_that_are_not_16_byte_aligned(backend, rng):
+    """A payload or an arena that is a view 8 bytes into its buffer: offsets that look aligned are
+    not, and the kernels must fall back to bytes (on the GPU, a 16-byte access there is a
+    misaligned-address fault that kills the context)."""
+    size, skew = 1 << 14, 8
+    base = rng.integers(0, 256, size + skew, dtype=np.uint8)
+    dest, src, lengths = _runs(rng, size, 40, 300, aligned=True, disjoint=True)
+    payload = rng.integers(0, 256, int(lengths.sum()) + skew, dtype=np.uint8)
+    masks = rng.integers(0, 256, (int(lengths.sum()) + 7) // 8 + 1, dtype=np.uint8)
+    mask_src = np.concatenate([[0], np.cumsum((lengths[:-1] + 7) // 8)]).astype(np.int64)
+    want = base[skew:].copy()
+    ref.scatter_runs(want, dest, src, lengths, payload[skew:])
+    ref.merge_masked(want, dest, src, lengths, mask_src, payload[skew:], masks)
+    ref.zero_runs(want, dest[::2], lengths[::2])
+    dev = _dev(backend, base)
+    arena, pay = dev[skew:], _dev(backend, payload)[skew:]
+    backend.scatter_runs(arena, dest, src, lengths, pay, backend.scatter_state(size))
+    backend.merge_masked(arena, dest, src, lengths, mask_src, pay, _dev(backend, masks))
+    backend.zero_runs(arena, dest[::2], lengths[::2])
+    np.testing.assert_array_equal(backend.to_host(arena), want)
+    np.testing.assert_array_equal(backend.to_host(dev)[:skew], base[:skew])
+    # 64-byte runs at 64-byte offsets from an aligned payload, into the unaligned arena view (on
+    # the GPU such a batch would otherwise go by granule number, 16 bytes at a time).
+    n = 200
+    dest = rng.integers(0, size // 64, n) * 64
+    src, lengths = np.arange(n, dtype=np.int64) * 64, np.full(n, 64, np.int64)
+    payload = rng.integers(0, 256, n * 64, dtype=np.uint8)
+    ref.scatter_runs(want, dest, src, lengths, payload)
+    backend.scatter_runs(arena, dest, src, lengths, _dev(backend, payload),
+                         backend.scatter_state(size))
+    np.testing.assert_array_equal(backend.to_host(arena), want)
+
+
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 16, 17, 1000, 4099])
 def test_compare_matches_reference(backend, rng, n):
     a = rng.integers(0, 256, n, dtype=np.uint8)
