@@ -185,8 +185,6 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     order to keep). Then CuPy's ways of doing the same."""
     import cupy as cp
 
-    from mmsb_dist import _gpu
-
     nbytes = arena.size
     n = nbytes // 256
     host_rng = np.random.default_rng(3)
@@ -198,12 +196,11 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
     ld = cp.full(n, 64, cp.int64)
     pay = rng.integers(1, 256, n * 64, dtype=cp.uint8)
     state = be.scatter_state(nbytes)
-    pairs = {id(d): _gpu._granule_span(d, ld) for d in (dd, dd_distinct)}
-    pairs[id(gd)], pairs[id(gd_distinct)] = pairs[id(dd)], pairs[id(dd_distinct)]
 
     def scatter(dest, general=False, target=arena, st=state):
+        # Every run is one whole granule: n (granule, run) pairs, 64 * n bytes.
         be.scatter_device(target, dest, sd if general else None, ld if general else None, pay,
-                          st, maxlen=64, ulen=0 if general else 64, granule_pairs=pairs[id(dest)],
+                          st, maxlen=64, ulen=0 if general else 64, granule_pairs=n,
                           run_bytes=64 * n)
 
     def rate(t, **more):

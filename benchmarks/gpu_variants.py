@@ -84,7 +84,6 @@ def scatter_variants(copy_bw):
     the unordered run copy of 64-byte runs (the general kernel with 1, 2 or 4 chunks of 16 bytes
     per thread; the granule-numbered one), and the ordered scatter, pass by pass, on distinct and
     on colliding slots, with what the launches after pass 1 cost when nothing collides."""
-    from mmsb_dist import _gpu
     from mmsb_dist.backend import get_backend
 
     be = get_backend("cupy")
@@ -100,24 +99,32 @@ def scatter_variants(copy_bw):
     print(f"ceiling, sequential read + random 64B write, no index: {n / t / 1e9:6.2f} G runs/s "
           f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
     host = np.random.default_rng(2)
-    distinct = cp.asarray(host.permutation(nbytes // 64)[:n] * 64).astype(cp.int64)
-    colliding = cp.asarray(host.integers(0, nbytes // 64, n) * 64).astype(cp.int64)
-    granules = {id(d): (d >> 6).astype(cp.uint32) for d in (distinct, colliding)}
-    dummy = cp.zeros(1, cp.int64)
+    slots = {"distinct": host.permutation(nbytes // 64)[:n],
+             "colliding": host.integers(0, nbytes // 64, n)}
+    dests = {label: (cp.asarray(s * 64).astype(cp.int64), cp.asarray(s).astype(cp.uint32))
+             for label, s in slots.items()}  # byte offsets, granule numbers
+    _unordered(be, arena, pay, *dests["distinct"], copy_bw)
+    for label, (dest, gd) in dests.items():
+        _ordered(be, arena, pay, dest, gd, label, copy_bw)
+
+
+def _unordered(be, arena, pay, dest, gd, copy_bw):
+    """64-byte runs at the distinct slots ``dest`` (``gd`` as granule numbers) with no order kept,
+    then the granule pass 1 alone and with the launches that keep order."""
+    n, dummy = int(dest.size), be._dummy64
     k = be._k["runs_apply"]
     for lanes_log2 in (2, 1, 0):
-        args = (arena, pay, distinct, np.int32(0), dummy, dummy, np.int64(64), np.int64(n),
+        args = (arena, pay, dest, np.int32(0), dummy, dummy, np.int64(64), np.int64(n),
                 np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
                 be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8,
                 be._dummy32)
         t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
         print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
               f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-    t = timed(lambda: be._launch_granules(arena, pay, granules[id(distinct)], 64, None))
+    t = timed(lambda: be._launch_granules(arena, pay, gd, 64, None))
     print(f"scatter unordered, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
           f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-    state = be.scatter_state(nbytes)
-    gd = granules[id(distinct)]
+    state = be.scatter_state(arena.size)
     for label, post in (("pass 1 + clear", False), ("pass 1, stamp, rewrite, clear", True)):
         def once():
             be._launch_granules(arena, pay, gd, 64, state)
@@ -127,40 +134,46 @@ def scatter_variants(copy_bw):
             state.bits.fill(0)
         t = timed(once)
         print(f"granule-numbered {label}, distinct: {2 * n * 64 / t / copy_bw:6.1%} of copy")
-    # Each pass of the ordered scatter, timed alone.
+
+
+def _ordered(be, arena, pay, dest, gd, label, copy_bw):
+    """The ordered scatter of 64-byte runs at ``dest`` (``gd`` as granule numbers): each pass
+    timed alone, then the whole, granule-numbered and by byte offsets with 1 or 2 chunks per
+    thread."""
+    from mmsb_dist import _gpu
+
+    n, dummy = int(dest.size), be._dummy64
+    st = be.scatter_state(arena.size)
     ev = [cp.cuda.Event() for _ in range(4)]
-    for label, dest in (("distinct", distinct), ("colliding", colliding)):
-        st = be.scatter_state(nbytes)
-        gd = granules[id(dest)]
-        for rep in range(3):
-            ev[0].record()
-            be._launch_granules(arena, pay, gd, 64, st)
-            ev[1].record()
-            conf_runs = be._launch_stamp(gd, dummy, 64, st)
-            ev[2].record()
-            be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
-                            conf_runs=conf_runs)
-            ev[3].record()
-            ev[3].synchronize()
-            listed, fixes = int(st.counters[1]), int(st.counters[0])
-            st.bits.fill(0)
-            st.key_base += n
-            ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(3)]
-            print(f"{label} passes (ms): pass1 {ms[0]:.3f} stamp {ms[1]:.3f} rewrite {ms[2]:.3f}"
-                  f"  listed={listed} fixups={fixes}")
-        pairs = _gpu._granule_span(dest, cp.full(n, 64, cp.int64))
-        t = timed(lambda: be.scatter_device(arena, gd, None, None, pay, state, maxlen=64,
-                                            ulen=64, granule_pairs=pairs, run_bytes=64 * n))
-        print(f"scatter ordered, {label:9s}, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
-              f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-        default = _gpu._CHUNKS_PER_LANE
-        for per_lane in (1, 2, 1, 2):
-            _gpu._CHUNKS_PER_LANE = per_lane
-            t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, state, maxlen=64,
-                                                ulen=64, granule_pairs=pairs, run_bytes=64 * n))
-            print(f"scatter ordered, {label:9s}, byte offsets, {per_lane} chunk(s)/thread: "
-                  f"{n / t / 1e9:6.2f} G runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-        _gpu._CHUNKS_PER_LANE = default
+    for rep in range(3):
+        ev[0].record()
+        be._launch_granules(arena, pay, gd, 64, st)
+        ev[1].record()
+        conf_runs = be._launch_stamp(gd, dummy, 64, st)
+        ev[2].record()
+        be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
+                        conf_runs=conf_runs)
+        ev[3].record()
+        ev[3].synchronize()
+        listed, fixes = int(st.counters[1]), int(st.counters[0])
+        st.bits.fill(0)
+        st.key_base += n
+        ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(3)]
+        print(f"{label} passes (ms): pass1 {ms[0]:.3f} stamp {ms[1]:.3f} rewrite {ms[2]:.3f}"
+              f"  listed={listed} fixups={fixes}")
+    # Each run is one whole granule: n (granule, run) pairs, 64 * n bytes.
+    t = timed(lambda: be.scatter_device(arena, gd, None, None, pay, st, maxlen=64, ulen=64,
+                                        granule_pairs=n, run_bytes=64 * n))
+    print(f"scatter ordered, {label:9s}, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
+          f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+    default = _gpu._CHUNKS_PER_LANE
+    for per_lane in (1, 2, 1, 2):
+        _gpu._CHUNKS_PER_LANE = per_lane
+        t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, st, maxlen=64, ulen=64,
+                                            granule_pairs=n, run_bytes=64 * n))
+        print(f"scatter ordered, {label:9s}, byte offsets, {per_lane} chunk(s)/thread: "
+              f"{n / t / 1e9:6.2f} G runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
+    _gpu._CHUNKS_PER_LANE = default
 
 
 def main():

@@ -46,9 +46,7 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 // granule-aligned run of whole granules: then pass 1 is runs_granules, a thread per 16-byte chunk
 // with nothing to decide, and the index is half the size.
 
-#ifndef CONF_FLAG_WORDS
 #define CONF_FLAG_WORDS 1024  // as _CONF_FLAG_WORDS in _gpu.py
-#endif
 #define RUN_LEN(r) (ulen ? ulen : len[r])
 #define RUN_SRC(r) (ulen ? (r) * ulen : soff[r])
 
@@ -176,10 +174,9 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 __device__ __forceinline__ void apply_run(
     i64 r, int lane, int lanes, u8* __restrict__ dst, const u8* __restrict__ src,
     const void* __restrict__ dest, int gidx, const i64* __restrict__ soff,
-    const i64* __restrict__ len,
-    i64 ulen, int mode, u32 key_base, const u32* __restrict__ stamp, u32* __restrict__ seen,
-    u32* __restrict__ conf, u32* __restrict__ counters, int gshift, u8* fixflag,
-    u32* __restrict__ conf_flags) {
+    const i64* __restrict__ len, i64 ulen, int mode, u32 key_base, const u32* __restrict__ stamp,
+    u32* __restrict__ seen, u32* __restrict__ conf, u32* __restrict__ counters, int gshift,
+    u8* fixflag, u32* __restrict__ conf_flags) {
     u32* fixcount = counters;
     i64 d = dest_of(dest, gidx, gshift, r), s = RUN_SRC(r), L = RUN_LEN(r);
     u32 key = key_base + (u32)r + 1u;
@@ -232,8 +229,7 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
         i64 r = t >> lanes_log2;
         if (mode == 2) r = conf_runs[r];
         apply_run(r, (int)(t & (lanes - 1)), lanes, dst, src, dest, gidx, soff, len, ulen, mode,
-                  key_base,
-                  stamp, seen, conf, counters, gshift, fixflag, conf_flags);
+                  key_base, stamp, seen, conf, counters, gshift, fixflag, conf_flags);
     }
 }
 

@@ -167,12 +167,15 @@ class CupyBackend(Backend):
         if (_granule_numbered(ulen, arena, payload)
                 and not (d & (limits.scatter_granule_bytes - 1)).any()):  # all on boundaries
             dd = cp.asarray((d >> _GSHIFT).astype(np.uint32))  # granule numbers: half the bytes
-        elif ulen:
-            dd, = self._index(d)
+            pairs = ln.size * ulen >> _GSHIFT  # whole granules: no need to count them
         else:
-            dd, sd, ld = self._index(d, s, ln)
+            if ulen:
+                dd, = self._index(d)
+            else:
+                dd, sd, ld = self._index(d, s, ln)
+            pairs = _granule_span(d, ln)
         self.scatter_device(arena, dd, sd, ld, payload, state, maxlen=int(ln.max()), ulen=ulen,
-                            granule_pairs=_granule_span(d, ln), run_bytes=int(ln.sum()))
+                            granule_pairs=pairs, run_bytes=int(ln.sum()))
 
     def scatter_device(self, arena, dd, sd, ld, payload, state, *, maxlen: int, ulen: int = 0,
                        granule_pairs: int, run_bytes: int) -> None:
@@ -248,8 +251,7 @@ class CupyBackend(Backend):
         self._k["runs_apply"](
             grid, (_BLOCK,),
             (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen), np.int64(n),
-             np.int32(lanes_log2),
-             np.int32(mode), np.uint32(st.key_base if st else 0),
+             np.int32(lanes_log2), np.int32(mode), np.uint32(st.key_base if st else 0),
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
              st.counters if st else self._dummy_counters,
              d32 if conf_runs is None else conf_runs, np.int32(_GSHIFT),
