@@ -7,6 +7,9 @@ the kernel included) vs NumPy fancy-index scatter of the same deltas (index preb
 batched creation of 1M pages vs a Python-dict page table.
 GPU (when CuPy sees a device): plain device-to-device copy bandwidth; bitmask merge and 64-byte run
 scatter as effective bandwidth and as a fraction of that copy; run scatter vs CuPy fancy indexing.
+GPU times are the device's (``_common.gpu_timed``: the stream is held while the host enqueues, so
+Python's launch latency is not counted, for the baselines as for the kernels); the copy, the
+scatter and CuPy's fancy indexing are also timed from the host's call (``*_from_call``).
 All data is random and non-zero; medians of repeated runs after warm-up.
 """
 
@@ -149,11 +152,14 @@ def bench_gpu(quick: bool) -> dict:
     src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     dst = cp.empty_like(src)
     t_copy = gpu_timed(lambda: cp.copyto(dst, src))
+    t_copy_call = gpu_timed(lambda: cp.copyto(dst, src), held=False)
     copy_bw = 2 * nbytes / t_copy
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     return {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-            "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
-            **_gpu_merge(be, rng, arena, copy_bw), **_gpu_scatter(be, rng, arena, copy_bw)}
+            "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9,
+                     "s_from_call": t_copy_call, "GBps_from_call": 2 * nbytes / t_copy_call / 1e9},
+            **_gpu_merge(be, rng, arena, copy_bw),
+            **_gpu_scatter(be, rng, arena, copy_bw, 2 * nbytes / t_copy_call)}
 
 
 def _gpu_merge(be, rng, arena, copy_bw) -> dict:
@@ -175,7 +181,7 @@ def _gpu_merge(be, rng, arena, copy_bw) -> dict:
                               "fraction_of_copy": moved / t / copy_bw}}
 
 
-def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
+def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
     """64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are), so ~11% of the
     runs collide and take the ordered path; also distinct slots. Both indexed by granule number,
     as ``scatter_runs`` sends such runs; distinct slots again as byte offsets (the general
@@ -203,17 +209,23 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
                           st, maxlen=64, ulen=0 if general else 64, granule_pairs=n,
                           run_bytes=64 * n)
 
-    def rate(t, **more):
+    def rate(t, t_call=None, **more):
+        if t_call is not None:
+            more.update(s_from_call=t_call,
+                        fraction_of_copy_from_call=2 * n * 64 / t_call / copy_bw_call)
         return {"s": t, "deltas_per_s": n / t, "fraction_of_copy": 2 * n * 64 / t / copy_bw,
                 **more}  # bytes: payload read + arena write
 
     t_scatter = gpu_timed(lambda: scatter(gd))
     t_distinct = gpu_timed(lambda: scatter(gd_distinct))
+    calls = {"ours": gpu_timed(lambda: scatter(gd), held=False),
+             "ours_distinct": gpu_timed(lambda: scatter(gd_distinct), held=False)}
     out = {
-        "run_scatter_64B": rate(t_scatter, runs=n, GBps=2 * n * 64 / t_scatter / 1e9,
+        "run_scatter_64B": rate(t_scatter, calls["ours"], runs=n,
+                                GBps=2 * n * 64 / t_scatter / 1e9,
                                 colliding_runs=int(n - cp.unique(slots).size),
                                 fixup_batches=state.fixups),
-        "run_scatter_64B_distinct": rate(t_distinct),
+        "run_scatter_64B_distinct": rate(t_distinct, calls["ours_distinct"]),
         "run_scatter_64B_distinct_byte_offsets": rate(gpu_timed(lambda: scatter(dd_distinct))),
         "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_granules(
             arena, pay, gd_distinct, 64, None))),
@@ -229,12 +241,16 @@ def _gpu_scatter(be, rng, arena, copy_bw) -> dict:
         rows[slots[::-1][last]] = pay_rows[::-1][last]
 
     for key, fn, ours, repeat in (
-            ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), t_scatter, 20),
+            ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), "ours", 20),
             ("cupy_fancy_rows_distinct", lambda: rows.__setitem__(distinct, pay_rows),
-             t_distinct, 20),
-            ("cupy_fancy_rows_last_wins", fancy_last_wins, t_scatter, 10)):
+             "ours_distinct", 20),
+            ("cupy_fancy_rows_last_wins", fancy_last_wins, "ours", 10)):
         t = gpu_timed(fn, repeat=repeat)
-        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / ours}
+        t_call = gpu_timed(fn, repeat=repeat, held=False)
+        held_ours = {"ours": t_scatter, "ours_distinct": t_distinct}[ours]
+        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / held_ours,
+                    "s_from_call": t_call,
+                    "ratio_scatter_vs_fancy_from_call": t_call / calls[ours]}
     nb = min(n, 1 << 20)
     byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
     t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
@@ -257,6 +273,11 @@ def _check_last_writer_wins(rng, nbytes: int, slots, pay_rows, scatter) -> None:
     want.reshape(-1, 64)[slots[::-1][last]] = pay_rows[::-1][last]
     scatter(check)
     assert bool((check == want).all()), "scatter result differs from last-writer-wins"
+
+
+def n_per_s(row: dict, key: str = "s_from_call") -> float:
+    """Deltas per second of a GPU row, from one of its times."""
+    return row["deltas_per_s"] * row["s"] / row[key]
 
 
 def _table(res: dict) -> str:
@@ -297,6 +318,17 @@ def _table(res: dict) -> str:
         lines.append(f"{'GPU 64B run scatter, distinct (deltas/s)':44s} "
                      f"{g['run_scatter_64B_distinct']['deltas_per_s']:16.3e} "
                      f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
+        d = g["run_scatter_64B_distinct"]
+        lines.append(f"{'GPU timed from the call: copy (GB/s)':44s} "
+                     f"{g['copy']['GBps_from_call']:16.1f}")
+        lines.append(f"{'  64B run scatter, distinct (deltas/s)':44s} {n_per_s(d):16.3e} "
+                     f"{'':17s} copy {d['fraction_of_copy_from_call']:8.2%}")
+        for key, label in (("cupy_fancy_rows_distinct", "distinct"),
+                           ("cupy_fancy_rows", "colliding")):
+            f = g[key]
+            lines.append(f"{'  64B run scatter vs CuPy rows, ' + label:44s} {'':16s} "
+                         f"{n_per_s(f, 's_from_call'):14.3e} cupy-rows "
+                         f"{f['ratio_scatter_vs_fancy_from_call']:8.2f}x")
         b = g["cupy_fancy_bytes"]
         lines.append(f"{'GPU cupy per-byte fancy index (deltas/s)':44s} {b['deltas_per_s']:16.3e}")
     return "\n".join(lines)
