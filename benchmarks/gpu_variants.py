@@ -110,14 +110,13 @@ def scatter_variants(copy_bw):
 
 def _unordered(be, arena, pay, dest, gd, copy_bw):
     """64-byte runs at the distinct slots ``dest`` (``gd`` as granule numbers) with no order kept,
-    then the granule pass 1 alone and with the launches that keep order."""
+    then the granule pass 1 with a plain clearing memset and with runs_post, which keeps order."""
     n, dummy = int(dest.size), be._dummy64
     k = be._k["runs_apply"]
     for lanes_log2 in (2, 1, 0):
         args = (arena, pay, dest, np.int32(0), dummy, dummy, np.int64(64), np.int64(n),
                 np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
-                be._dummy32, be._dummy_counters, be._dummy32, np.int32(6), be._dummy8,
-                be._dummy32)
+                be._dummy32, be._dummy_counters, np.int32(6), be._dummy8, be._dummy32)
         t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
         print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
               f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
@@ -125,13 +124,13 @@ def _unordered(be, arena, pay, dest, gd, copy_bw):
     print(f"scatter unordered, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
           f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
     state = be.scatter_state(arena.size)
-    for label, post in (("pass 1 + clear", False), ("pass 1, stamp, rewrite, clear", True)):
+    for label, post in (("pass 1 + clearing memset", False), ("pass 1 + runs_post", True)):
         def once():
             be._launch_granules(arena, pay, gd, 64, state)
             if post:
-                be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64,
-                                state=state, conf_runs=be._launch_stamp(gd, dummy, 64, state))
-            state.bits.fill(0)
+                be._launch_post(arena, pay, gd, dummy, dummy, maxlen=64, ulen=64, state=state)
+            else:
+                state.bits.fill(0)
         t = timed(once)
         print(f"granule-numbered {label}, distinct: {2 * n * 64 / t / copy_bw:6.1%} of copy")
 
@@ -144,23 +143,18 @@ def _ordered(be, arena, pay, dest, gd, label, copy_bw):
 
     n, dummy = int(dest.size), be._dummy64
     st = be.scatter_state(arena.size)
-    ev = [cp.cuda.Event() for _ in range(4)]
+    ev = [cp.cuda.Event() for _ in range(3)]
     for rep in range(3):
         ev[0].record()
         be._launch_granules(arena, pay, gd, 64, st)
         ev[1].record()
-        conf_runs = be._launch_stamp(gd, dummy, 64, st)
+        be._launch_post(arena, pay, gd, dummy, dummy, maxlen=64, ulen=64, state=st)
         ev[2].record()
-        be._launch_runs(arena, pay, gd, dummy, dummy, mode=2, maxlen=64, ulen=64, state=st,
-                        conf_runs=conf_runs)
-        ev[3].record()
-        ev[3].synchronize()
-        listed, fixes = int(st.counters[1]), int(st.counters[0])
-        st.bits.fill(0)
+        ev[2].synchronize()
         st.key_base += n
-        ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(3)]
-        print(f"{label} passes (ms): pass1 {ms[0]:.3f} stamp {ms[1]:.3f} rewrite {ms[2]:.3f}"
-              f"  listed={listed} fixups={fixes}")
+        ms = [cp.cuda.get_elapsed_time(ev[i], ev[i + 1]) for i in range(2)]
+        print(f"{label} passes (ms): pass1 {ms[0]:.3f} runs_post (stamp, rewrite, clearing) "
+              f"{ms[1]:.3f}")
     # Each run is one whole granule: n (granule, run) pairs, 64 * n bytes.
     t = timed(lambda: be.scatter_device(arena, gd, None, None, pay, st, maxlen=64, ulen=64,
                                         granule_pairs=n, run_bytes=64 * n))

@@ -5,6 +5,10 @@
 // positions are 64-bit byte offsets. Memory-bound throughout: 16-byte accesses wherever a range's
 // source and destination are 16-byte aligned, byte loops otherwise.
 
+#ifdef MMSB_COOP  // the cooperative module: runs_post alone (see below)
+#include <cooperative_groups.h>
+#endif
+
 typedef unsigned long long u64;
 typedef long long i64;
 typedef unsigned int u32;
@@ -32,15 +36,19 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 //          granules that only one run touched are final after this pass: in most batches, all. A
 //          lane issues its first mark before its copy and looks at the answer after it, so the two
 //          round trips overlap.
-//   pass 2 (runs_stamp): returns at once unless a conf flag is up; else in `conf` granules each
-//          run records key = key_base + index + 1 with atomicMax: the largest key is the last
-//          toucher. It lists those runs and counts them in counters[1].
-//   pass 3 (runs_apply, mode 2, over the counters[1] listed runs; none if pass 2 returned): in
-//          `conf` granules the last toucher rewrites its bytes. A run that is not the last toucher
-//          checks whether the last one covers its bytes there (then they are right already); if
-//          not, the granule is flagged, and the host replays, in order, every run touching a
-//          flagged granule, clipped to it (runs_fix_*). Whole-granule writes never need that, so
-//          for them the host never waits for the device: every decision is taken on the device.
+//   passes 2 and 3 (runs_post, one cooperative launch after pass 1; every batch): unless a conf
+//          flag is up, it only clears `seen`, and nothing else is left to clear (the usual case).
+//          Else, pass 2: in `conf` granules each run records key = key_base + index + 1 with
+//          atomicMax: the largest key is the last toucher; the runs doing so are listed and
+//          counted in counters[1]. A grid-wide barrier, then pass 3 (apply_run, mode 2) over the
+//          listed runs (`gidx` runs: over the `conf` granules, unlisted, rewrite_granules): in
+//          `conf` granules the last toucher rewrites its bytes. A run that is not
+//          the last toucher checks whether the last one covers its bytes there (then they are
+//          right already); if not, the granule is flagged, and the host replays, in order, every
+//          run touching a flagged granule, clipped to it (runs_fix_*). A last barrier, then
+//          `conf`, the flags and the listed count are cleared. Whole-granule writes never need
+//          the fixup, so for them the host never waits for the device: every decision is taken
+//          on the device, and a batch is two launches.
 // Runs come as dest[] plus either per-run soff[]/len[] or one uniform length (soff = r * len).
 // dest[] holds byte offsets (i64), or granule numbers (u32; `gidx`) when every run is a uniform,
 // granule-aligned run of whole granules: then pass 1 is runs_granules, a thread per 16-byte chunk
@@ -96,15 +104,14 @@ extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* _
     raise_conf_flag(collided, conf_flags);
 }
 
-extern "C" __global__ void runs_stamp(const void* __restrict__ dest, int gidx,
-                                      const i64* __restrict__ len, i64 ulen, i64 n, u32 key_base,
-                                      u32* __restrict__ stamp, const u32* __restrict__ conf,
-                                      u32* __restrict__ counters, u32* __restrict__ conf_runs,
-                                      int gshift, const u32* __restrict__ conf_flags) {
+// Pass 2: every thread of the grid calls (the loop's barriers are per block). `gidx` runs are not
+// listed: their pass 3 goes by conflicted granule (rewrite_granules).
+__device__ __forceinline__ void stamp_runs(const void* __restrict__ dest, int gidx,
+                                           const i64* __restrict__ len, i64 ulen, i64 n,
+                                           u32 key_base, u32* __restrict__ stamp,
+                                           const u32* __restrict__ conf, u32* __restrict__ counters,
+                                           u32* __restrict__ conf_runs, int gshift) {
     __shared__ u32 block_hits, block_base;
-    u32 raised = 0;
-    for (int w = threadIdx.x; w < CONF_FLAG_WORDS; w += blockDim.x) raised |= conf_flags[w];
-    if (!__syncthreads_or(raised)) return;  // no granule was touched twice
     // The loop bound is the same for every thread of a block (the barriers need that).
     for (i64 r0 = blockIdx.x * (i64)blockDim.x; r0 < n; r0 += (i64)gridDim.x * blockDim.x) {
         i64 r = r0 + threadIdx.x;
@@ -120,6 +127,7 @@ extern "C" __global__ void runs_stamp(const void* __restrict__ dest, int gidx,
                 }
             }
         }
+        if (gidx) continue;  // the same for the whole grid
         // List the runs that touch a conflicted granule (pass 3 visits only these), with one
         // global atomicAdd per block: adds on one address serialize.
         if (threadIdx.x == 0) block_hits = 0;
@@ -168,9 +176,8 @@ __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key
 }
 
 // One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
-// mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3, over
-// the counters[1] runs listed in conf_runs (the launch need not know how many: its threads stride).
-// counters = [fixups, listed runs].
+// mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3 (from
+// runs_post). counters = [fixups, listed runs].
 __device__ __forceinline__ void apply_run(
     i64 r, int lane, int lanes, u8* __restrict__ dst, const u8* __restrict__ src,
     const void* __restrict__ dest, int gidx, const i64* __restrict__ soff,
@@ -215,23 +222,72 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
                                       const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
                                       int mode, u32 key_base, const u32* __restrict__ stamp,
                                       u32* __restrict__ seen, u32* __restrict__ conf,
-                                      u32* __restrict__ counters, const u32* __restrict__ conf_runs,
-                                      int gshift, u8* fixflag, u32* __restrict__ conf_flags) {
-    __shared__ i64 listed;
-    if (mode == 2) {
-        if (threadIdx.x == 0) listed = counters[1];
-        __syncthreads();
-        n = listed;
-    }
+                                      u32* __restrict__ counters, int gshift, u8* fixflag,
+                                      u32* __restrict__ conf_flags) {
     int lanes = 1 << lanes_log2;
-    for (i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x; (t >> lanes_log2) < n;
-         t += (i64)gridDim.x * blockDim.x) {
-        i64 r = t >> lanes_log2;
-        if (mode == 2) r = conf_runs[r];
-        apply_run(r, (int)(t & (lanes - 1)), lanes, dst, src, dest, gidx, soff, len, ulen, mode,
-                  key_base, stamp, seen, conf, counters, gshift, fixflag, conf_flags);
+    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+    if ((t >> lanes_log2) < n)
+        apply_run(t >> lanes_log2, (int)(t & (lanes - 1)), lanes, dst, src, dest, gidx, soff, len,
+                  ulen, mode, key_base, stamp, seen, conf, counters, gshift, fixflag, conf_flags);
+}
+
+#ifdef MMSB_COOP
+// Pass 3 of `gidx` runs, by conflicted granule rather than by run: whole granules of uniform runs
+// from an aligned payload, so the last toucher, read from the granule's stamp, rewrites all of it,
+// 16 bytes at a time. A thread per `conf` word.
+__device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8* __restrict__ src,
+                                                 const u32* __restrict__ gdest, i64 ulen,
+                                                 u32 key_base, const u32* __restrict__ stamp,
+                                                 const u32* __restrict__ conf, i64 words,
+                                                 int gshift) {
+    i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 w = blockIdx.x * (i64)blockDim.x + threadIdx.x; w < words; w += stride) {
+        for (u32 bits = conf[w]; bits; bits &= bits - 1u) {
+            i64 g = w * 32 + __ffs(bits) - 1;
+            i64 r = (i64)(stamp[g] - key_base - 1u);
+            i64 within = (g - (i64)__ldg(gdest + r)) << gshift;  // the granule's place in run r
+            const uint4* from = (const uint4*)(src + r * ulen + within);
+            uint4* to = (uint4*)(dst + (g << gshift));
+            for (int c = 0; c < (1 << (gshift - 4)); ++c) to[c] = from[c];
+        }
     }
 }
+
+// Passes 2 and 3 and the clearing after pass 1 (see the top of this section), in one cooperative
+// launch: a grid that fits on the device at once, so that grid.sync() can wait for all of it.
+// Threads stride over every loop. `words`: the length of `seen` and of `conf`.
+extern "C" __global__ void runs_post(
+    u8* __restrict__ dst, const u8* __restrict__ src, const void* __restrict__ dest, int gidx,
+    const i64* __restrict__ soff, const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
+    u32 key_base, u32* __restrict__ stamp, u32* __restrict__ seen, u32* __restrict__ conf,
+    i64 words, u32* __restrict__ counters, u32* __restrict__ conf_runs, int gshift, u8* fixflag,
+    u32* __restrict__ conf_flags) {
+    cooperative_groups::grid_group grid = cooperative_groups::this_grid();
+    i64 tid = blockIdx.x * (i64)blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 w = tid; w < words; w += stride) seen[w] = 0u;  // nothing below reads `seen`
+    u32 raised = 0;
+    for (int w = threadIdx.x; w < CONF_FLAG_WORDS; w += blockDim.x) raised |= conf_flags[w];
+    // Every block reads the same flags, so every block returns here or none does (grid.sync()
+    // needs all). Nothing collided: `conf`, the flags and the counters are all still zero.
+    if (!__syncthreads_or(raised)) return;
+    stamp_runs(dest, gidx, len, ulen, n, key_base, stamp, conf, counters, conf_runs, gshift);
+    grid.sync();
+    if (gidx) {
+        rewrite_granules(dst, src, (const u32*)dest, ulen, key_base, stamp, conf, words, gshift);
+    } else {
+        i64 listed = counters[1];
+        int lanes = 1 << lanes_log2;
+        for (i64 t = tid; (t >> lanes_log2) < listed; t += stride)
+            apply_run(conf_runs[t >> lanes_log2], (int)(t & (lanes - 1)), lanes, dst, src, dest,
+                      gidx, soff, len, ulen, 2, key_base, stamp, seen, conf, counters, gshift,
+                      fixflag, conf_flags);
+    }
+    grid.sync();
+    for (i64 w = tid; w < words; w += stride) conf[w] = 0u;
+    for (i64 w = tid; w < CONF_FLAG_WORDS; w += stride) conf_flags[w] = 0u;
+    if (tid == 0) counters[1] = 0u;  // counters[0], the fixup count, is the host's to read
+}
+#endif
 
 // Fixup, step 1: list (granule, run) for every run touching a flagged granule.
 extern "C" __global__ void runs_fix_pairs(const i64* __restrict__ dest, const i64* __restrict__ len,

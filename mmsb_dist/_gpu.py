@@ -3,8 +3,9 @@
 Index arrays arrive on the host (int64) and go to the device in one copy per call (a batch of
 uniform whole-granule runs sends u32 granule numbers instead of byte offsets); payloads are
 uploaded once per batch by the arena. One kernel launch per batch and kernel kind. A run scatter
-takes its decisions on the device (see ``runs_stamp`` in the .cu file); the host waits for it only
-when some run covers a granule partly (to learn whether the fixup pass is needed).
+is two launches, pass 1 and the cooperative ``runs_post``, and takes its decisions on the device
+(see the .cu file); the host waits for it only when some run covers a granule partly (to learn
+whether the fixup pass is needed).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import cupy as cp
 import numpy as np
+from cupy_backends.cuda.api import driver
 
 from mmsb_dist import limits
 from mmsb_dist.backend import Backend
@@ -21,7 +23,7 @@ from mmsb_dist.kernels import cuda_source
 
 _BLOCK = 256
 _GSHIFT = int(math.log2(limits.scatter_granule_bytes))
-_KERNELS = ("runs_granules", "runs_stamp", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
+_KERNELS = ("runs_granules", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
 _CONF_FLAG_WORDS = 1024  # as CONF_FLAG_WORDS in the .cu file
@@ -30,8 +32,9 @@ _CHUNKS_PER_LANE = 2  # 16-byte chunks per thread of a run scatter (gpu_variants
 
 class ScatterState:
     """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule), conflict
-    flags and counters (all cleared after every batch), last-writer stamps (u32 per granule) and
-    fixup flags (u8 per granule)."""
+    flags and counters (``runs_post`` leaves them clear after every batch, but for the fixup
+    count, which the host reads and clears), last-writer stamps (u32 per granule) and fixup flags
+    (u8 per granule)."""
 
     def __init__(self, capacity: int):
         granules = (int(capacity) >> _GSHIFT) + 1
@@ -39,10 +42,10 @@ class ScatterState:
             raise CapacityError(f"arena of {capacity} bytes is over the scatter kernel's "
                                 f"2**32 granules of {limits.scatter_granule_bytes} bytes")
         words = (granules + 31) // 32
-        # seen, conf, the conflict flags and the counters in one buffer: one memset clears them
-        # after every batch. Pass 1 raises one of the _CONF_FLAG_WORDS flag words when a granule
-        # was touched twice (spread out: one word would serialize the stores of every warp that
-        # saw a collision); counters = [fixcount, listed runs].
+        # seen, conf, the conflict flags and the counters. Pass 1 raises one of the
+        # _CONF_FLAG_WORDS flag words when a granule was touched twice (spread out: one word would
+        # serialize the stores of every warp that saw a collision); counters = [fixcount, listed
+        # runs].
         self.bits = cp.zeros(2 * words + _CONF_FLAG_WORDS + 2, cp.uint32)
         self.seen, self.conf = self.bits[:words], self.bits[words:2 * words]
         self.conf_flags = self.bits[2 * words:2 * words + _CONF_FLAG_WORDS]
@@ -69,6 +72,13 @@ def split_runs(dest, src, lengths, piece_bytes: int):
     skip = (np.arange(owner.size) - first) * piece_bytes
     plen = np.minimum(lengths[owner] - skip, piece_bytes)
     return np.asarray(dest, np.int64)[owner] + skip, np.asarray(src, np.int64)[owner] + skip, plen
+
+
+def _lanes_log2(maxlen: int) -> int:
+    """log2 of the threads per run in ``runs_apply`` (and pass 3): _CHUNKS_PER_LANE 16-byte
+    chunks each, at most 32."""
+    chunks = (maxlen + 15) // 16
+    return min(5, max(0, math.ceil(math.log2(max(1, chunks // _CHUNKS_PER_LANE)))))
 
 
 def _granule_span(dest: np.ndarray, lengths: np.ndarray) -> int:
@@ -114,13 +124,20 @@ class CupyBackend(Backend):
     xp = cp
 
     def __init__(self):
+        self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
         module = cp.RawModule(code=cuda_source(), options=("--std=c++17",))
         self._k = {name: module.get_function(name) for name in _KERNELS}
+        # runs_post waits on grid-wide barriers: a module of its own, launched cooperatively
+        # (cuLaunchCooperativeKernel), with a grid that fits on the device at once.
+        coop = cp.RawModule(code=cuda_source(), options=("--std=c++17", "-DMMSB_COOP"),
+                            enable_cooperative_groups=True)
+        self._post = coop.get_function("runs_post")
+        per_sm = driver.occupancyMaxActiveBlocksPerMultiprocessor(self._post.kernel.ptr, _BLOCK, 0)
+        self._post_grid = (max(1, per_sm) * self._sms,)
         self._dummy32 = cp.zeros(1, cp.uint32)
         self._dummy64 = cp.zeros(1, cp.int64)
         self._dummy_counters = cp.zeros(2, cp.uint32)
         self._dummy8 = cp.zeros(1, cp.uint8)
-        self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
 
     # ---- memory --------------------------------------------------------------------------------
 
@@ -198,35 +215,31 @@ class CupyBackend(Backend):
             state.key_base = 0
         sd = self._dummy64 if sd is None else sd
         ld = self._dummy64 if ld is None else ld
-        run = dict(ulen=ulen, state=state, maxlen=maxlen)
         if gidx:
             self._launch_granules(arena, payload, dd, ulen, state)
         else:
-            self._launch_runs(arena, payload, dd, sd, ld, mode=1, **run)
-        conf_runs = self._launch_stamp(dd, ld, ulen, state)
-        self._launch_runs(arena, payload, dd, sd, ld, mode=2, conf_runs=conf_runs, **run)
-        whole = gidx or granule_pairs << _GSHIFT == run_bytes
-        if not whole and int(state.counters[:1].get()[0]):
-            self._fixup(arena, payload, dd, sd, ld, ulen, granule_pairs, state)
-        state.bits.fill(0)
+            self._launch_runs(arena, payload, dd, sd, ld, mode=1, maxlen=maxlen, ulen=ulen,
+                              state=state)
+        self._launch_post(arena, payload, dd, sd, ld, maxlen=maxlen, ulen=ulen, state=state)
         state.key_base += n
+        if gidx or granule_pairs << _GSHIFT == run_bytes:  # whole granules: never a fixup
+            return
+        if int(state.counters[:1].get()[0]):
+            self._fixup(arena, payload, dd, sd, ld, ulen, granule_pairs, state)
+            state.counters[:1].fill(0)
 
-    def _launch_stamp(self, dd, ld, ulen: int, state: ScatterState):
-        """Pass 2 (``runs_stamp``); returns the array it lists the runs of conflicted granules in
-        (their count goes to state.counters[1])."""
+    def _launch_post(self, dst, src, dd, sd, ld, *, maxlen: int, ulen: int,
+                     state: ScatterState) -> None:
+        """Passes 2 and 3 and the clearing of the scatter state (``runs_post``), after pass 1 of
+        the same runs; when nothing collided, it only clears the ``seen`` bitmap."""
         n = int(dd.size)
-        conf_runs = cp.empty(n, cp.uint32)
-        self._k["runs_stamp"](self._resident_grid(n), (_BLOCK,),
-                              (dd, np.int32(dd.dtype == cp.uint32), ld, np.int64(ulen),
-                               np.int64(n), np.uint32(state.key_base),
-                               state.stamp, state.conf, state.counters, conf_runs,
-                               np.int32(_GSHIFT), state.conf_flags))
-        return conf_runs
-
-    def _resident_grid(self, threads: int) -> tuple[int]:
-        """A grid of at most as many threads as the device holds at once (for kernels whose
-        threads stride over their work)."""
-        return _grid(min(threads, self._sms * 2048))
+        conf_runs = cp.empty(n, cp.uint32)  # pass 2 lists the runs of conflicted granules here
+        self._post(self._post_grid, (_BLOCK,),
+                   (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen),
+                    np.int64(n), np.int32(_lanes_log2(maxlen)), np.uint32(state.key_base),
+                    state.stamp, state.seen, state.conf, np.int64(state.seen.size),
+                    state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
+                    state.conf_flags))
 
     def _launch_granules(self, dst, src, gd, ulen: int, state: ScatterState | None) -> None:
         """Pass 1 (with ``state``) or a plain copy (without) of granule-numbered runs
@@ -239,22 +252,19 @@ class CupyBackend(Backend):
              st.seen if st else d32, st.conf if st else d32, st.conf_flags if st else d32,
              np.int32(_GSHIFT)))
 
-    def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None,
-                     conf_runs=None) -> None:
+    def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None) -> None:
+        """A plain batched copy (mode 0, no ``state``) or pass 1 (mode 1) through the general
+        kernel (``runs_apply``): a group of threads per run."""
         n = int(dd.size)
-        chunks = (maxlen + 15) // 16
-        lanes_log2 = min(5, max(0, math.ceil(math.log2(max(1, chunks // _CHUNKS_PER_LANE)))))
-        # Mode 2 covers only the listed runs, a count on the device: its threads stride.
-        grid = self._resident_grid(n << lanes_log2) if mode == 2 else _grid(n << lanes_log2)
+        lanes_log2 = _lanes_log2(maxlen)
         st = state
         d32 = self._dummy32
         self._k["runs_apply"](
-            grid, (_BLOCK,),
+            _grid(n << lanes_log2), (_BLOCK,),
             (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen), np.int64(n),
              np.int32(lanes_log2), np.int32(mode), np.uint32(st.key_base if st else 0),
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
-             st.counters if st else self._dummy_counters,
-             d32 if conf_runs is None else conf_runs, np.int32(_GSHIFT),
+             st.counters if st else self._dummy_counters, np.int32(_GSHIFT),
              st.fixflag if st else self._dummy8, st.conf_flags if st else d32))
 
     def _fixup(self, arena, payload, dd, sd, ld, ulen, bound, state) -> None:

@@ -270,6 +270,39 @@ def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["distinct granules", "granule-numbered", "whole granules",
+                                  "partial granules"])
+def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, kind):
+    """The scatter's scratch (seen and conf bitmaps, conflict flags, counters) is cleared on the
+    device by runs_post, only where a batch can have set it, and the fixup count by the host: a
+    mark left behind would leak into the next batch. After batches with collisions (and, for
+    runs covering granules partly, fixups) or without any, every word is zero again."""
+    if backend.name != "cupy":
+        pytest.skip("the scatter state belongs to the CUDA scatter")
+    size, n = 1 << 16, 2000
+    state = backend.scatter_state(size)
+
+    def runs():
+        if kind == "distinct granules":
+            lengths = np.full(n, 64, np.int64)
+            dest = rng.permutation(size // 64)[:n] * 64
+        elif kind == "granule-numbered":
+            lengths = np.full(n, 64, np.int64)
+            dest = rng.integers(0, size // 64, n) * 64
+        elif kind == "whole granules":
+            lengths = rng.integers(1, 4, n) * 64
+            dest = rng.integers(0, size // 64 - 3, n) * 64
+        else:
+            lengths = rng.integers(1, 40, n)
+            dest = rng.integers(0, 4000, n)
+        return dest.astype(np.int64), _back_to_back(lengths), lengths
+
+    _scatter_batches_match_reference(backend, rng, size, runs, state)
+    assert not bool(state.bits.any()), kind
+    assert (state.fixups > 0) == (kind == "partial granules")
+
+
+@pytest.mark.gpu
 def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
     """Last-writer keys are key_base + run index + 1 in 32 bits; a batch that would wrap them
     clears the stamps first. Batches before and after the wrap must keep batch order."""

@@ -37,5 +37,5 @@ def test_installed_package_finds_cuda_source():
     from mmsb_dist.kernels import cuda_source
 
     text = cuda_source()
-    for kernel in ("runs_stamp", "runs_apply", "masked_merge", "compare_mask", "page_hash"):
+    for kernel in ("runs_post", "runs_apply", "masked_merge", "compare_mask", "page_hash"):
         assert f"void {kernel}(" in text
