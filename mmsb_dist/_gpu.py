@@ -232,10 +232,11 @@ class CupyBackend(Backend):
                      state: ScatterState) -> None:
         """Passes 2 and 3 and the clearing of the scatter state (``runs_post``), after pass 1 of
         the same runs; when nothing collided, it only clears the ``seen`` bitmap."""
-        n = int(dd.size)
-        conf_runs = cp.empty(n, cp.uint32)  # pass 2 lists the runs of conflicted granules here
+        n, gidx = int(dd.size), dd.dtype == cp.uint32
+        # Pass 2 lists the runs of conflicted granules here (granule-numbered runs: not needed).
+        conf_runs = self._dummy32 if gidx else cp.empty(n, cp.uint32)
         self._post(self._post_grid, (_BLOCK,),
-                   (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen),
+                   (dst, src, dd, np.int32(gidx), sd, ld, np.int64(ulen),
                     np.int64(n), np.int32(_lanes_log2(maxlen)), np.uint32(state.key_base),
                     state.stamp, state.seen, state.conf, np.int64(state.seen.size),
                     state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
