@@ -124,8 +124,8 @@ def gpu_timed(fn, repeat: int = 20, warmup: int = 3, held: bool = True) -> float
     ``held`` (the default) measures the device's time alone, as nvbench does: a kernel holds the
     stream until the host has enqueued the start event, all of ``fn``'s work and the stop event,
     so the host's launch latency (tens of microseconds of Python before the first kernel) is not
-    counted; the gaps between ``fn``'s own kernels are. The hold lasts 4x the longest enqueue seen
-    in the warm-up (at least 1 ms). A ``fn`` that waits for the device inside falls back to
+    counted; the gaps between ``fn``'s own kernels are. The hold lasts 4x the enqueue of the last
+    warm-up call (at least 1 ms; the first call may compile). A ``fn`` that waits for the device inside falls back to
     timing from its call. ``held=False`` times from the moment the host starts ``fn``."""
     import statistics
 
@@ -135,7 +135,7 @@ def gpu_timed(fn, repeat: int = 20, warmup: int = 3, held: bool = True) -> float
     for _ in range(warmup):
         t0 = time.perf_counter()
         fn()
-        enqueue = max(enqueue, time.perf_counter() - t0)
+        enqueue = time.perf_counter() - t0
     if held and not _hold:
         _hold.append(cp.RawModule(code=_HOLD_SRC).get_function("hold"))
     hold_ns = np.uint64(max(1e-3, 4 * enqueue) * 1e9)

@@ -124,7 +124,12 @@ class CupyBackend(Backend):
     xp = cp
 
     def __init__(self):
-        self._sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+        attributes = cp.cuda.Device().attributes
+        if not attributes.get("CooperativeLaunch", 0):
+            raise RuntimeError("the CUDA backend needs a device that takes cooperative launches "
+                               "(compute capability 6.0 or later, under Linux); this one does "
+                               "not: use the numpy backend")
+        self._sms = attributes["MultiProcessorCount"]
         module = cp.RawModule(code=cuda_source(), options=("--std=c++17",))
         self._k = {name: module.get_function(name) for name in _KERNELS}
         # runs_post waits on grid-wide barriers: a module of its own, launched cooperatively

@@ -143,10 +143,13 @@ _BACKENDS: dict[str, Backend] = {}
 
 
 def gpu_available() -> bool:
-    """True when CuPy imports and sees at least one CUDA device."""
+    """True when CuPy imports and sees a CUDA device that the CUDA backend can drive: one that
+    takes cooperative launches (the run scatter's second kernel needs them; every NVIDIA GPU of
+    compute capability 6.0 or later does, under Linux)."""
     try:
         import cupy
-        return cupy.cuda.runtime.getDeviceCount() > 0
+        return (cupy.cuda.runtime.getDeviceCount() > 0
+                and bool(cupy.cuda.Device(0).attributes.get("CooperativeLaunch", 0)))
     except Exception:  # no cupy, no driver, no device: all mean "no GPU here"
         return False
 

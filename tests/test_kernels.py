@@ -183,6 +183,23 @@ def test_hash_changes_with_any_byte_and_with_length(rng):
     assert ref.hash_bytes(np.zeros(8, np.uint8)) != ref.hash_bytes(np.zeros(9, np.uint8))
 
 
+def test_gpu_is_available_only_with_cooperative_launches(monkeypatch):
+    """"auto" picks the CUDA backend only for a device it can drive: the scatter's runs_post is a
+    cooperative launch, so a device without them counts as no GPU (and the numpy backend runs)."""
+    import sys
+    import types
+
+    from mmsb_dist import backend as bk
+
+    for cooperative, want in ((1, True), (0, False)):
+        device = types.SimpleNamespace(attributes={"CooperativeLaunch": cooperative})
+        fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 1),
+            Device=lambda index=0, device=device: device))
+        monkeypatch.setitem(sys.modules, "cupy", fake)
+        assert bk.gpu_available() is want
+
+
 @pytest.mark.gpu
 def test_page_hashes_agree_between_backends(rng):
     from mmsb_dist.backend import get_backend
@@ -274,8 +291,8 @@ def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend
                                   "partial granules"])
 def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, kind):
     """The scatter's scratch (seen and conf bitmaps, conflict flags, counters) is cleared on the
-    device by runs_post, only where a batch can have set it, and the fixup count by the host: a
-    mark left behind would leak into the next batch. After batches with collisions (and, for
+    device by runs_post (the seen bitmap after every batch, the rest after a batch that
+    collided), and the fixup count by the host: a mark left behind would leak into the next batch. After batches with collisions (and, for
     runs covering granules partly, fixups) or without any, every word is zero again."""
     if backend.name != "cupy":
         pytest.skip("the scatter state belongs to the CUDA scatter")
