@@ -245,7 +245,8 @@ __device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8*
         for (u32 bits = conf[w]; bits; bits &= bits - 1u) {
             i64 g = w * 32 + __ffs(bits) - 1;
             i64 r = (i64)(stamp[g] - key_base - 1u);
-            i64 within = (g - (i64)__ldg(gdest + r)) << gshift;  // the granule's place in run r
+            // The granule's place in run r (a run of one granule: none, and no index to read).
+            i64 within = ulen >> gshift == 1 ? 0 : (g - (i64)__ldg(gdest + r)) << gshift;
             const uint4* from = (const uint4*)(src + r * ulen + within);
             uint4* to = (uint4*)(dst + (g << gshift));
             for (int c = 0; c < (1 << (gshift - 4)); ++c) to[c] = from[c];
