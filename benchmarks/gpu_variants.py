@@ -170,6 +170,27 @@ def _ordered(be, arena, pay, dest, gd, label, copy_bw):
     _gpu._CHUNKS_PER_LANE = default
 
 
+def small_batch_clearing():
+    """A batch of 1024 64-byte runs into an 8 GiB arena: runs_post clearing the 16 MiB `seen`
+    bitmap whole against walking the runs' words (what scatter_device picks for it)."""
+    from mmsb_dist.backend import get_backend
+
+    be = get_backend("cupy")
+    arena = cp.zeros(8 << 30, cp.uint8)
+    n = 1024
+    pay = cp.random.default_rng(5).integers(1, 256, n * 64, dtype=cp.uint8)
+    gd = cp.asarray(np.random.default_rng(6).permutation(arena.size // 64)[:n].astype(np.uint32))
+    st = be.scatter_state(arena.size)
+    for walk in (False, True):
+        def once():
+            be._launch_granules(arena, pay, gd, 64, st)
+            be._launch_post(arena, pay, gd, be._dummy64, be._dummy64, maxlen=64, ulen=64,
+                            state=st, walk=walk)
+            st.key_base += n
+        print(f"1024 runs into an 8 GiB arena, bitmaps cleared "
+              f"{'along the runs' if walk else 'whole'}: {timed(once) * 1e6:7.1f} us")
+
+
 def main():
     rng = cp.random.default_rng(0)
     nbytes = 1 << 30
@@ -179,6 +200,7 @@ def main():
     print(f"copy {copy_bw / 1e9:8.1f} GB/s")
     ceiling_variants(copy_bw)
     scatter_variants(copy_bw)
+    small_batch_clearing()
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     payload = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     page = 64 << 10

@@ -254,18 +254,36 @@ __device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8*
     }
 }
 
+// Zeroes what the batch's runs can have set in a bitmap of `words` words (1 bit per granule): all
+// of it, or, with `walk` (few runs in a big arena), the words of the granules each run touches.
+__device__ __forceinline__ void clear_marks(u32* __restrict__ bits, i64 words, int walk,
+                                            const void* __restrict__ dest, int gidx,
+                                            const i64* __restrict__ len, i64 ulen, i64 n,
+                                            int gshift) {
+    i64 tid = blockIdx.x * (i64)blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
+    if (!walk) {
+        for (i64 w = tid; w < words; w += stride) bits[w] = 0u;
+        return;
+    }
+    for (i64 r = tid; r < n; r += stride) {
+        i64 d = dest_of(dest, gidx, gshift, r);
+        for (i64 w = d >> gshift >> 5; w <= (d + RUN_LEN(r) - 1) >> gshift >> 5; ++w) bits[w] = 0u;
+    }
+}
+
 // Passes 2 and 3 and the clearing after pass 1 (see the top of this section), in one cooperative
 // launch: a grid that fits on the device at once, so that grid.sync() can wait for all of it.
-// Threads stride over every loop. `words`: the length of `seen` and of `conf`.
+// Threads stride over every loop. `words`: the length of `seen` and of `conf`; `walk`: clear
+// them by walking the runs (clear_marks).
 extern "C" __global__ void runs_post(
     u8* __restrict__ dst, const u8* __restrict__ src, const void* __restrict__ dest, int gidx,
     const i64* __restrict__ soff, const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
     u32 key_base, u32* __restrict__ stamp, u32* __restrict__ seen, u32* __restrict__ conf,
-    i64 words, u32* __restrict__ counters, u32* __restrict__ conf_runs, int gshift, u8* fixflag,
-    u32* __restrict__ conf_flags) {
+    i64 words, int walk, u32* __restrict__ counters, u32* __restrict__ conf_runs, int gshift,
+    u8* fixflag, u32* __restrict__ conf_flags) {
     cooperative_groups::grid_group grid = cooperative_groups::this_grid();
     i64 tid = blockIdx.x * (i64)blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
-    for (i64 w = tid; w < words; w += stride) seen[w] = 0u;  // nothing below reads `seen`
+    clear_marks(seen, words, walk, dest, gidx, len, ulen, n, gshift);  // nothing below reads it
     u32 raised = 0;
     for (int w = threadIdx.x; w < CONF_FLAG_WORDS; w += blockDim.x) raised |= conf_flags[w];
     // Every block reads the same flags, so every block returns here or none does (grid.sync()
@@ -284,7 +302,7 @@ extern "C" __global__ void runs_post(
                       fixflag, conf_flags);
     }
     grid.sync();
-    for (i64 w = tid; w < words; w += stride) conf[w] = 0u;
+    clear_marks(conf, words, walk, dest, gidx, len, ulen, n, gshift);
     for (i64 w = tid; w < CONF_FLAG_WORDS; w += stride) conf_flags[w] = 0u;
     if (tid == 0) counters[1] = 0u;  // counters[0], the fixup count, is the host's to read
 }

@@ -225,7 +225,8 @@ class CupyBackend(Backend):
         else:
             self._launch_runs(arena, payload, dd, sd, ld, mode=1, maxlen=maxlen, ulen=ulen,
                               state=state)
-        self._launch_post(arena, payload, dd, sd, ld, maxlen=maxlen, ulen=ulen, state=state)
+        self._launch_post(arena, payload, dd, sd, ld, maxlen=maxlen, ulen=ulen, state=state,
+                          walk=granule_pairs < state.seen.size // 2)
         state.key_base += n
         if gidx or granule_pairs << _GSHIFT == run_bytes:  # whole granules: never a fixup
             return
@@ -234,9 +235,11 @@ class CupyBackend(Backend):
             state.counters[:1].fill(0)
 
     def _launch_post(self, dst, src, dd, sd, ld, *, maxlen: int, ulen: int,
-                     state: ScatterState) -> None:
+                     state: ScatterState, walk: bool = False) -> None:
         """Passes 2 and 3 and the clearing of the scatter state (``runs_post``), after pass 1 of
-        the same runs; when nothing collided, it only clears the ``seen`` bitmap."""
+        the same runs; when nothing collided, it only clears the ``seen`` bitmap. ``walk``: clear
+        the bitmaps' words that the runs touch rather than all of them (a batch touching fewer
+        granules than half the bitmap's words: few runs in a big arena)."""
         n, gidx = int(dd.size), dd.dtype == cp.uint32
         # Pass 2 lists the runs of conflicted granules here (granule-numbered runs: not needed).
         conf_runs = self._dummy32 if gidx else cp.empty(n, cp.uint32)
@@ -244,7 +247,7 @@ class CupyBackend(Backend):
                    (dst, src, dd, np.int32(gidx), sd, ld, np.int64(ulen),
                     np.int64(n), np.int32(_lanes_log2(maxlen)), np.uint32(state.key_base),
                     state.stamp, state.seen, state.conf, np.int64(state.seen.size),
-                    state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
+                    np.int32(walk), state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
                     state.conf_flags))
 
     def _launch_granules(self, dst, src, gd, ulen: int, state: ScatterState | None) -> None:

@@ -287,17 +287,26 @@ def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("size,n", [(1 << 16, 2000), (1 << 24, 300)],
+                         ids=["whole bitmap cleared", "runs walked"])
 @pytest.mark.parametrize("kind", ["distinct granules", "granule-numbered", "whole granules",
                                   "partial granules"])
-def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, kind):
+def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, monkeypatch, kind, size,
+                                                          n):
     """The scatter's scratch (seen and conf bitmaps, conflict flags, counters) is cleared on the
     device by runs_post (the seen bitmap after every batch, the rest after a batch that
-    collided), and the fixup count by the host: a mark left behind would leak into the next batch. After batches with collisions (and, for
-    runs covering granules partly, fixups) or without any, every word is zero again."""
+    collided), and the fixup count by the host: a mark left behind would leak into the next
+    batch. After batches with collisions (and, for runs covering granules partly, fixups) or
+    without any, every word is zero again, whether the bitmaps are cleared whole or, for a few
+    runs in a big arena, word by word along the runs."""
     if backend.name != "cupy":
         pytest.skip("the scatter state belongs to the CUDA scatter")
-    size, n = 1 << 16, 2000
     state = backend.scatter_state(size)
+    walked = []
+    post = backend._launch_post
+    monkeypatch.setattr(backend, "_launch_post",
+                        lambda *a, **k: (walked.append(k["walk"]), post(*a, **k)))
+    hot = min(size // 64 - 3, 1000)  # granules where the runs collide
 
     def runs():
         if kind == "distinct granules":
@@ -305,10 +314,10 @@ def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, kind):
             dest = rng.permutation(size // 64)[:n] * 64
         elif kind == "granule-numbered":
             lengths = np.full(n, 64, np.int64)
-            dest = rng.integers(0, size // 64, n) * 64
+            dest = rng.integers(0, hot, n) * 64
         elif kind == "whole granules":
             lengths = rng.integers(1, 4, n) * 64
-            dest = rng.integers(0, size // 64 - 3, n) * 64
+            dest = rng.integers(0, hot, n) * 64
         else:
             lengths = rng.integers(1, 40, n)
             dest = rng.integers(0, 4000, n)
@@ -317,6 +326,7 @@ def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, kind):
     _scatter_batches_match_reference(backend, rng, size, runs, state)
     assert not bool(state.bits.any()), kind
     assert (state.fixups > 0) == (kind == "partial granules")
+    assert walked and set(walked) == {size == 1 << 24}  # the clearing under test was taken
 
 
 @pytest.mark.gpu
