@@ -141,8 +141,8 @@ def gpu_timed(fn, repeat: int = 20, warmup: int = 3, held: bool = True) -> float
     hold_ns = np.uint64(max(1e-3, 4 * enqueue) * 1e9)
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = []
+    cp.cuda.get_current_stream().synchronize()  # each round below ends synchronized too
     for _ in range(repeat):
-        cp.cuda.get_current_stream().synchronize()
         if held:
             _hold[0]((1,), (1,), (hold_ns,))
         start.record()

@@ -216,22 +216,38 @@ def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
         return {"s": t, "deltas_per_s": n / t, "fraction_of_copy": 2 * n * 64 / t / copy_bw,
                 **more}  # bytes: payload read + arena write
 
-    t_scatter = gpu_timed(lambda: scatter(gd))
-    t_distinct = gpu_timed(lambda: scatter(gd_distinct))
-    calls = {"ours": gpu_timed(lambda: scatter(gd), held=False),
-             "ours_distinct": gpu_timed(lambda: scatter(gd_distinct), held=False)}
+    # (device time, time from the call) of the scatter, per kind of slots
+    ours = {label: (gpu_timed(lambda g=g: scatter(g)),
+                    gpu_timed(lambda g=g: scatter(g), held=False))
+            for label, g in (("colliding", gd), ("distinct", gd_distinct))}
     out = {
-        "run_scatter_64B": rate(t_scatter, calls["ours"], runs=n,
-                                GBps=2 * n * 64 / t_scatter / 1e9,
+        "run_scatter_64B": rate(*ours["colliding"], runs=n,
+                                GBps=2 * n * 64 / ours["colliding"][0] / 1e9,
                                 colliding_runs=int(n - cp.unique(slots).size),
                                 fixup_batches=state.fixups),
-        "run_scatter_64B_distinct": rate(t_distinct, calls["ours_distinct"]),
+        "run_scatter_64B_distinct": rate(*ours["distinct"]),
         "run_scatter_64B_distinct_byte_offsets": rate(gpu_timed(lambda: scatter(dd_distinct))),
         "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_granules(
             arena, pay, gd_distinct, 64, None))),
         "random_64B_write_ceiling": rate(gpu_timed(scatter_ceiling(arena, pay, n))),
         "run_scatter_64B_general": rate(gpu_timed(lambda: scatter(dd, general=True))),
+        **_cupy_baselines(arena, pay, slots, distinct, ours),
     }
+    for dest, general in ((gd, False), (dd, False), (dd, True)):  # what was timed is right
+        _check_last_writer_wins(rng, nbytes, slots, pay.reshape(-1, 64),
+                                lambda check: scatter(dest, general, check,
+                                                      be.scatter_state(nbytes)))
+    return out
+
+
+def _cupy_baselines(arena, pay, slots, distinct, ours: dict) -> dict:
+    """CuPy's ways of doing the scatter's work, each against ``ours`` ((device time, time from
+    the call) of the scatter on "colliding" and "distinct" slots): fancy assignment of 64-byte
+    rows at the same slots, what CuPy needs for the scatter's result on colliding slots, and a
+    per-byte fancy index."""
+    import cupy as cp
+
+    n = int(slots.size)
     rows, pay_rows = arena.reshape(-1, 64), pay.reshape(-1, 64)
 
     def fancy_last_wins():
@@ -240,25 +256,20 @@ def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
         last = cp.unique(slots[::-1], return_index=True)[1]
         rows[slots[::-1][last]] = pay_rows[::-1][last]
 
-    for key, fn, ours, repeat in (
-            ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), "ours", 20),
+    out = {}
+    for key, fn, kind, repeat in (
+            ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), "colliding", 20),
             ("cupy_fancy_rows_distinct", lambda: rows.__setitem__(distinct, pay_rows),
-             "ours_distinct", 20),
-            ("cupy_fancy_rows_last_wins", fancy_last_wins, "ours", 10)):
-        t = gpu_timed(fn, repeat=repeat)
-        t_call = gpu_timed(fn, repeat=repeat, held=False)
-        held_ours = {"ours": t_scatter, "ours_distinct": t_distinct}[ours]
-        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / held_ours,
-                    "s_from_call": t_call,
-                    "ratio_scatter_vs_fancy_from_call": t_call / calls[ours]}
+             "distinct", 20),
+            ("cupy_fancy_rows_last_wins", fancy_last_wins, "colliding", 10)):
+        t, t_call = gpu_timed(fn, repeat=repeat), gpu_timed(fn, repeat=repeat, held=False)
+        held, call = ours[kind]
+        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / held,
+                    "s_from_call": t_call, "ratio_scatter_vs_fancy_from_call": t_call / call}
     nb = min(n, 1 << 20)
-    byte_idx = (dd[:nb, None] + cp.arange(64)).reshape(-1)
+    byte_idx = (slots[:nb, None] * 64 + cp.arange(64)).reshape(-1)
     t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
     out["cupy_fancy_bytes"] = {"runs": nb, "s": t, "deltas_per_s": nb / t}
-    for dest, general in ((gd, False), (dd, False), (dd, True)):  # what was timed is right
-        _check_last_writer_wins(rng, nbytes, slots, pay_rows,
-                                lambda check: scatter(dest, general, check,
-                                                      be.scatter_state(nbytes)))
     return out
 
 
