@@ -249,6 +249,10 @@ def _cupy_baselines(arena, pay, slots, distinct, ours: dict) -> dict:
 
     n = int(slots.size)
     rows, pay_rows = arena.reshape(-1, 64), pay.reshape(-1, 64)
+    # The same rows as wider elements, CuPy's best case: 8 and 16 bytes per element (complex128
+    # is its only 16-byte type; the scatter moves its bits untouched, checked below).
+    wide = {w: (arena.view(t).reshape(-1, 64 // w), pay.view(t).reshape(-1, 64 // w))
+            for w, t in ((8, cp.uint64), (16, cp.complex128))}
 
     def fancy_last_wins():
         """What CuPy needs for the scatter's result on colliding slots (its fancy assignment
@@ -261,11 +265,19 @@ def _cupy_baselines(arena, pay, slots, distinct, ours: dict) -> dict:
             ("cupy_fancy_rows", lambda: rows.__setitem__(slots, pay_rows), "colliding", 20),
             ("cupy_fancy_rows_distinct", lambda: rows.__setitem__(distinct, pay_rows),
              "distinct", 20),
-            ("cupy_fancy_rows_last_wins", fancy_last_wins, "colliding", 10)):
+            ("cupy_fancy_rows_last_wins", fancy_last_wins, "colliding", 10),
+            *((f"cupy_fancy_rows_{w}B_elements{suffix}",
+               lambda r=r, p=p, s=s: r.__setitem__(s, p), kind, 20)
+              for w, (r, p) in wide.items()
+              for suffix, s, kind in (("", slots, "colliding"), ("_distinct", distinct,
+                                                                  "distinct")))):
         t, t_call = gpu_timed(fn, repeat=repeat), gpu_timed(fn, repeat=repeat, held=False)
         held, call = ours[kind]
         out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / held,
                     "s_from_call": t_call, "ratio_scatter_vs_fancy_from_call": t_call / call}
+    for w, (r, p) in wide.items():  # the wide rows carry every byte as the scatter does
+        r[distinct] = p
+        assert bool((rows[distinct] == pay_rows).all()), f"{w}-byte elements changed bytes"
     nb = min(n, 1 << 20)
     byte_idx = (slots[:nb, None] * 64 + cp.arange(64)).reshape(-1)
     t = gpu_timed(lambda: arena.__setitem__(byte_idx, pay[: nb * 64]), repeat=5)
@@ -329,6 +341,13 @@ def _table(res: dict) -> str:
         lines.append(f"{'GPU 64B run scatter, distinct (deltas/s)':44s} "
                      f"{g['run_scatter_64B_distinct']['deltas_per_s']:16.3e} "
                      f"{f['deltas_per_s']:14.3e} cupy-rows {f['ratio_scatter_vs_fancy']:8.2f}x")
+        for w in (8, 16):  # CuPy's rows as wider elements
+            for suffix, label, ours in (("", "colliding", s),
+                                        ("_distinct", "distinct", g["run_scatter_64B_distinct"])):
+                f = g[f"cupy_fancy_rows_{w}B_elements{suffix}"]
+                lines.append(f"{f'  vs CuPy rows of {w}-byte elements, {label}':44s} "
+                             f"{ours['deltas_per_s']:16.3e} {f['deltas_per_s']:14.3e} "
+                             f"cupy-{w}B {f['ratio_scatter_vs_fancy']:8.2f}x")
         d = g["run_scatter_64B_distinct"]
         lines.append(f"{'GPU timed from the call: copy (GB/s)':44s} "
                      f"{g['copy']['GBps_from_call']:16.1f}")
