@@ -218,7 +218,22 @@ def copy_runs(dst, dst_off, src, src_off, lengths):
 def stamp_pages(versions, dirty, slots, version):
     """versions[slots] = version and dirty[slots] = True (the page records an applied batch
     touched), in one pass and without the GIL; ``slots`` come from translate."""
-    for i in range(slots.shape[0]):
+    _stamp_range(versions, dirty, slots, version, 0, slots.shape[0])
+
+
+@njit(nogil=True, cache=True, parallel=True)
+def stamp_pages_parallel(versions, dirty, slots, version, parts):
+    """stamp_pages on ``parts`` threads, each over a contiguous range of the batch. Threads that
+    meet the same page store the same values, so the order of their stores does not matter."""
+    n = slots.shape[0]
+    step = (n + parts - 1) // parts
+    for k in prange(parts):
+        _stamp_range(versions, dirty, slots, version, k * step, min(n, (k + 1) * step))
+
+
+@_jit
+def _stamp_range(versions, dirty, slots, version, lo, hi):
+    for i in range(lo, hi):
         s = slots[i]
         versions[s] = version
         dirty[s] = True

@@ -40,6 +40,14 @@ def dtype_code(dtype) -> int:
     return _DTYPE_CODE[name]
 
 
+def _host_threads(n: int) -> int:
+    """Threads for a host pass over a batch of ``n`` deltas (page-table lookups and stamps:
+    random accesses that threads overlap); 1 below ``limits.cpu_parallel_runs_min``."""
+    if n < limits.cpu_parallel_runs_min:
+        return 1
+    return max(1, min(numba.get_num_threads(), limits.cpu_translate_threads_max))
+
+
 def _align(n):
     return (n + (_ALIGN - 1)) // _ALIGN * _ALIGN
 
@@ -382,8 +390,8 @@ class PageArena:
         dest = np.empty(n, np.int64)
         args = (batch.page_ids, batch.offsets, batch.data_starts, self._keys, self._vals,
                 self._offsets, self._sizes, slots, dest)
-        threads = min(numba.get_num_threads(), limits.cpu_translate_threads_max)
-        if n >= limits.cpu_parallel_runs_min and threads > 1:
+        threads = _host_threads(n)
+        if threads > 1:
             code, i = _cpu.run_parallel(_cpu.translate_parallel, *args, threads)
         else:
             code, i = _cpu.translate(*args)
@@ -419,7 +427,12 @@ class PageArena:
         if version is None:
             self._apply_stamp += 1
             version = self._apply_stamp
-        _cpu.stamp_pages(self._versions, self._dirty, slots, np.uint64(version))
+        threads = _host_threads(len(slots))
+        if threads > 1:  # a random store per delta: on a big batch, milliseconds on one thread
+            _cpu.run_parallel(_cpu.stamp_pages_parallel, self._versions, self._dirty, slots,
+                              np.uint64(version), threads)
+        else:
+            _cpu.stamp_pages(self._versions, self._dirty, slots, np.uint64(version))
 
     def write(self, page_id: int, offset: int, data, version: int | None = None) -> None:
         """One run. ``data`` as an array must be uint8 or the page's dtype."""

@@ -51,8 +51,9 @@ control_message_bytes_max = 1 << 20
 # kernels the crossover was below 8 Ki.)
 cpu_parallel_runs_min = 1 << 15
 
-# Threads of the page-table translation in batch validation (arena.validate), on any backend: the
-# lookups are cache misses that threads overlap; past ~16 the memory system, not the threads, limits.
+# Threads of the page-table translation in batch validation (arena.validate) and of the page
+# stamps after an apply, on any backend: the lookups and stores are cache misses that threads
+# overlap; past ~16 the memory system, not the threads, limits.
 cpu_translate_threads_max = 16
 
 # ---- log (mmsb_dist/log.py) ---------------------------------------------------------------------

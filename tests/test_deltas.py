@@ -221,10 +221,18 @@ def test_large_batches_take_the_threaded_paths_and_keep_order(backend, rng, monk
     oracle = PageOracle()
     for pid in pages:
         oracle.create(pid, 512)
-    batch = random_batch(rng, pages, 5000, masked_fraction=0.0, max_len=300)
-    arena.apply(batch)
+    arena.page_hashes(ids)  # every page's hash is current: only the stamps mark pages again
+    batch = random_batch(rng, {p: pages[p] for p in list(pages)[:30]}, 5000, masked_fraction=0.0,
+                         max_len=300)
+    arena.apply(batch, version=7)
     oracle.apply(batch)
     _assert_same(arena, oracle)
+    touched = set(batch.page_ids.tolist())
+    assert arena.versions(ids).tolist() == [7 if int(p) in touched else 0 for p in ids]
+    slots = arena.slots_of(ids)
+    fresh = backend.to_host(backend.page_hash(arena._buf, arena._offsets[slots],
+                                              arena._sizes[slots]))
+    assert np.array_equal(arena.page_hashes(ids), fresh)  # every touched page was marked
     before = {p: arena.read(p).tobytes() for p in pages}
     late_bad = DeltaBatch.concat([random_batch(rng, pages, 4000, masked_fraction=0.0),
                                   DeltaBatch.runs([int(ids[0])], [510], [b"abc"]),
