@@ -238,6 +238,10 @@ def peer_rows(res: dict) -> list[tuple[str, str, float, str, float]]:
         rows.append(("apply 64-byte runs (CPU), M deltas/s", "PageArena.apply",
                      kern["apply_deltas_per_s"] / 1e6, "NumPy fancy index",
                      kern["fancy_deltas_per_s"] / 1e6))
+        if "fancy_rows_deltas_per_s" in kern:
+            rows.append(("apply 64-byte runs (CPU), M deltas/s", "PageArena.apply",
+                         kern["apply_deltas_per_s"] / 1e6, "NumPy fancy 64-byte rows",
+                         kern["fancy_rows_deltas_per_s"] / 1e6))
     gw = res.get("gateway")
     if gw:
         sw = gw["single_write"]
@@ -373,13 +377,16 @@ def suite_tables(res: dict) -> list[str]:
     kn = (res.get("kernels") or {}).get("cpu")
     if kn:
         rows = [[k, v.get("apply_deltas_per_s"), v.get("fancy_deltas_per_s"),
-                 v.get("ratio_vs_fancy")] for k, v in kn.items() if "apply_deltas_per_s" in v]
+                 v.get("ratio_vs_fancy"), v.get("fancy_rows_deltas_per_s", "—"),
+                 v.get("ratio_vs_fancy_rows", "—")]
+                for k, v in kn.items() if "apply_deltas_per_s" in v]
         if "create_pages" in kn:
             cp = kn["create_pages"]
             rows.append(["create pages (us/page; baseline: dict table)", cp["us_per_page"],
-                         cp["dict_table_s"] * 1e6 / cp["pages"], cp["ratio_vs_dict"]])
+                         cp["dict_table_s"] * 1e6 / cp["pages"], cp["ratio_vs_dict"], "", ""])
         out += ["### Kernels (CPU) — `benchmarks/bench_kernels.py`", "",
-                table(["workload", "apply deltas/s", "NumPy fancy index", "ratio"], rows), ""]
+                table(["workload", "apply deltas/s", "NumPy fancy index", "ratio",
+                       "NumPy fancy 64-byte rows", "ratio"], rows), ""]
     return out
 
 
