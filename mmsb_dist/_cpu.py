@@ -206,6 +206,56 @@ def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
                 _copy_range(arena, a, payload, src[i] + (a - d), b - a)
 
 
+@njit(nogil=True, cache=True, parallel=True)
+def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
+    """scatter_runs on ``parts`` threads, for many of them. As in scatter_runs_parallel, thread k
+    owns bytes [k*step, (k+1)*step) of the arena; but rather than every thread walking the whole
+    batch, the batch is first sorted into one list per range, stably (batch order kept within
+    each): each thread counts, then files, the runs of its own slice of the batch, and the
+    per-range lists are laid out range-major, slice-minor. A run that crosses ranges is filed in
+    each and clipped to it. Two more passes over the batch, so this pays only from several
+    threads on (``limits.cpu_bucketed_scatter_threads_min``)."""
+    spans = lengths.shape[0] == 0
+    n = dest.shape[0]
+    step = (arena.shape[0] + parts - 1) // parts
+    chunk = (n + parts - 1) // parts
+    counts = np.zeros((parts, parts + 1), np.int64)  # [slice of the batch, range]
+    for c in prange(parts):
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            d = dest[i]
+            length = src[i + 1] - src[i] if spans else lengths[i]
+            for k in range(d // step, (d + length - 1) // step + 1):
+                counts[c, k] += 1
+    where = np.empty((parts, parts + 1), np.int64)  # where slice c files its first run of range k
+    total = 0
+    for k in range(parts):
+        for c in range(parts):
+            where[c, k] = total
+            total += counts[c, k]
+    where[:, parts] = total
+    order = np.empty(total, np.int64)
+    for c in prange(parts):
+        at = where[c].copy()
+        for i in range(c * chunk, min(n, (c + 1) * chunk)):
+            d = dest[i]
+            length = src[i + 1] - src[i] if spans else lengths[i]
+            for k in range(d // step, (d + length - 1) // step + 1):
+                order[at[k]] = i
+                at[k] += 1
+    for k in prange(parts):
+        lo = k * step
+        hi = min(arena.shape[0], lo + step)
+        last = where[0, k + 1]
+        for j in range(where[0, k], last):
+            if j + PREFETCH_RUNS < last:
+                _prefetch_for_write(arena, max(lo, dest[order[j + PREFETCH_RUNS]]))
+            i = order[j]
+            d = dest[i]
+            a = max(d, lo)
+            b = min(d + (src[i + 1] - src[i] if spans else lengths[i]), hi)
+            _copy_range(arena, a, payload, src[i] + (a - d), b - a)
+
+
 @_jit
 def copy_runs(dst, dst_off, src, src_off, lengths):
     """Run i: src[src_off[i]:][:lengths[i]] to dst[dst_off[i]:] (``dst`` and ``src`` are

@@ -93,7 +93,8 @@ class CpuBackend(Backend):
         import numba
 
         # Threads for large run scatters; numba's pool is sized from the CPU count at import.
-        self.threads = max(1, min(threads or numba.config.NUMBA_NUM_THREADS, 8))
+        self.threads = max(1, min(threads or numba.config.NUMBA_NUM_THREADS,
+                                  numba.config.NUMBA_NUM_THREADS, limits.cpu_scatter_threads_max))
 
     def zeros(self, nbytes: int) -> np.ndarray:
         try:
@@ -110,7 +111,10 @@ class CpuBackend(Backend):
     def scatter_runs(self, arena, dest, src, lengths, payload, state=None) -> None:
         args = (arena, _i64(dest), _i64(src), _i64(lengths), np.ascontiguousarray(payload))
         if self.threads > 1 and len(dest) >= limits.cpu_parallel_runs_min:
-            _cpu.run_parallel(_cpu.scatter_runs_parallel, *args, self.threads)
+            kernel = (_cpu.scatter_runs_bucketed
+                      if self.threads >= limits.cpu_bucketed_scatter_threads_min
+                      else _cpu.scatter_runs_parallel)
+            _cpu.run_parallel(kernel, *args, self.threads)
         else:
             _cpu.scatter_runs(*args)
 

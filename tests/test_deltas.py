@@ -209,12 +209,15 @@ def test_malformed_arrow_is_refused(backend, rng, cut):
     assert [arena.read(p).tobytes() for p in pages] == before
 
 
-def test_large_batches_take_the_threaded_paths_and_keep_order(backend, rng, monkeypatch):
+@pytest.mark.parametrize("threads", [3, 6], ids=["threads walk the batch", "batch filed by range"])
+def test_large_batches_take_the_threaded_paths_and_keep_order(backend, rng, monkeypatch, threads):
     """Over limits.cpu_parallel_runs_min deltas the CPU backend validates and scatters on several
-    threads; order, bounds and the first-fault report must be those of the serial definition."""
+    threads (from limits.cpu_bucketed_scatter_threads_min on, with the batch filed by range);
+    order, bounds and the first-fault report must be those of the serial definition."""
     monkeypatch.setattr(limits, "cpu_parallel_runs_min", 1000)
     if hasattr(backend, "threads"):
-        monkeypatch.setattr(backend, "threads", 3)
+        monkeypatch.setattr(backend, "threads", threads)
+        assert (threads >= limits.cpu_bucketed_scatter_threads_min) == (threads == 6)
     arena = PageArena(backend)
     ids = arena.create_pages(50, 512)
     pages = {int(i): 512 for i in ids}

@@ -395,19 +395,28 @@ def test_threaded_kernels_from_several_threads_under_the_workqueue_layer(tmp_pat
     assert "layer workqueue" in proc.stdout
 
 
-@pytest.mark.parametrize("parts", [2, 3])
-def test_threaded_cpu_scatter_matches_reference_across_range_boundaries(rng, parts):
+@pytest.mark.parametrize("kernel", ["scatter_runs_parallel", "scatter_runs_bucketed"])
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_threaded_cpu_scatter_matches_reference_across_range_boundaries(rng, parts, kernel):
     """Each thread owns a byte range of the arena; runs of any length and alignment cross the
-    range boundaries (a small arena, many runs) and overlap: the result is the ordered one."""
+    range boundaries (a small arena, many runs) and overlap: the result is the ordered one, for
+    runs given by lengths and by spans (``src`` one longer, no lengths), with every thread
+    walking the batch or with the batch first filed by range."""
     from mmsb_dist import _cpu
+    scatter = getattr(_cpu, kernel)
     size = 999  # not a multiple of 8 or of the thread count
     arena = rng.integers(0, 256, size, dtype=np.uint8)
-    for _ in range(3):
-        dest, src, lengths = _runs(rng, size, 20_000, 37)
+    for trial in range(4):
+        dest, src, lengths = _runs(rng, size, 20_000, 37 if trial < 3 else 500)
         payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
         want = arena.copy()
         ref.scatter_runs(want, dest, src, lengths, payload)
-        _cpu.scatter_runs_parallel(arena, dest, src, lengths, payload, parts)
+        if trial % 2:  # as spans: run i is payload[src[i]:src[i + 1]]
+            starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+            ref_payload = np.concatenate([payload[s:s + n] for s, n in zip(src, lengths)])
+            scatter(arena, dest, starts, np.zeros(0, np.int64), ref_payload, parts)
+        else:
+            scatter(arena, dest, src, lengths, payload, parts)
         np.testing.assert_array_equal(arena, want)
 
 
