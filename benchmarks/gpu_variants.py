@@ -4,6 +4,8 @@ product's benchmark suite; kept so that a tuning result can be reproduced.
 Usage: python benchmarks/gpu_variants.py"""
 
 
+import contextlib
+
 import cupy as cp
 import numpy as np
 
@@ -108,17 +110,27 @@ def scatter_variants(copy_bw):
         _ordered(be, arena, pay, dest, gd, label, copy_bw)
 
 
+@contextlib.contextmanager
+def _chunks_per_lane(per_lane: int):
+    """Run scatters with ``per_lane`` 16-byte chunks per thread (``_gpu._CHUNKS_PER_LANE``)."""
+    from mmsb_dist import _gpu
+
+    default, _gpu._CHUNKS_PER_LANE = _gpu._CHUNKS_PER_LANE, per_lane
+    try:
+        yield
+    finally:
+        _gpu._CHUNKS_PER_LANE = default
+
+
 def _unordered(be, arena, pay, dest, gd, copy_bw):
     """64-byte runs at the distinct slots ``dest`` (``gd`` as granule numbers) with no order kept,
     then the granule pass 1 with a plain clearing memset and with runs_post, which keeps order."""
     n, dummy = int(dest.size), be._dummy64
-    k = be._k["runs_apply"]
-    for lanes_log2 in (2, 1, 0):
-        args = (arena, pay, dest, np.int32(0), dummy, dummy, np.int64(64), np.int64(n),
-                np.int32(lanes_log2), np.int32(0), np.uint32(0), be._dummy32, be._dummy32,
-                be._dummy32, be._dummy_counters, np.int32(6), be._dummy8, be._dummy32)
-        t = timed(lambda: k(((n << lanes_log2) // 256,), (256,), args))
-        print(f"scatter unordered, {4 >> lanes_log2} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
+    for per_lane in (1, 2, 4):
+        with _chunks_per_lane(per_lane):
+            t = timed(lambda: be._launch_runs(arena, pay, dest, dummy, dummy, mode=0, maxlen=64,
+                                              ulen=64))
+        print(f"scatter unordered, {per_lane} chunk(s)/thread: {n / t / 1e9:6.2f} G runs/s "
               f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
     t = timed(lambda: be._launch_granules(arena, pay, gd, 64, None))
     print(f"scatter unordered, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
@@ -139,8 +151,6 @@ def _ordered(be, arena, pay, dest, gd, label, copy_bw):
     """The ordered scatter of 64-byte runs at ``dest`` (``gd`` as granule numbers): each pass
     timed alone, then the whole, granule-numbered and by byte offsets with 1 or 2 chunks per
     thread."""
-    from mmsb_dist import _gpu
-
     n, dummy = int(dest.size), be._dummy64
     st = be.scatter_state(arena.size)
     ev = [cp.cuda.Event() for _ in range(3)]
@@ -160,14 +170,12 @@ def _ordered(be, arena, pay, dest, gd, label, copy_bw):
                                         granule_pairs=n, run_bytes=64 * n))
     print(f"scatter ordered, {label:9s}, granule-numbered: {n / t / 1e9:6.2f} G runs/s "
           f"({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-    default = _gpu._CHUNKS_PER_LANE
     for per_lane in (1, 2, 1, 2):
-        _gpu._CHUNKS_PER_LANE = per_lane
-        t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, st, maxlen=64, ulen=64,
-                                            granule_pairs=n, run_bytes=64 * n))
+        with _chunks_per_lane(per_lane):
+            t = timed(lambda: be.scatter_device(arena, dest, None, None, pay, st, maxlen=64,
+                                                ulen=64, granule_pairs=n, run_bytes=64 * n))
         print(f"scatter ordered, {label:9s}, byte offsets, {per_lane} chunk(s)/thread: "
               f"{n / t / 1e9:6.2f} G runs/s ({2 * n * 64 / t / copy_bw:6.1%} of copy)")
-    _gpu._CHUNKS_PER_LANE = default
 
 
 def small_batch_clearing():

@@ -152,13 +152,13 @@ __device__ __forceinline__ void flag_fixup(i64 g, u8* fixflag, u32* fixcount) {
 // Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? If not, and the last
 // toucher does not cover them, flag the granule.
 __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
-                                     const u32* __restrict__ stamp, const void* __restrict__ dest,
-                                     int gidx, int gshift, const i64* __restrict__ len, i64 ulen,
-                                     u8* fixflag, u32* fixcount) {
+                                     const u32* __restrict__ stamp, const i64* __restrict__ dest,
+                                     const i64* __restrict__ len, i64 ulen, u8* fixflag,
+                                     u32* fixcount) {
     u32 w = stamp[g];
     if (w == key) return true;
     i64 lr = (i64)(w - key_base - 1u);
-    i64 ld = dest_of(dest, gidx, gshift, lr);
+    i64 ld = __ldg(dest + lr);
     if (!(ld <= p && p + m <= ld + RUN_LEN(lr))) flag_fixup(g, fixflag, fixcount);
     return false;
 }
@@ -167,25 +167,26 @@ __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
 __device__ __forceinline__ bool may_write(int mode, i64 g, i64 p, i64 m, u32 key, u32 key_base,
                                           const u32* __restrict__ stamp,
                                           const u32* __restrict__ conf,
-                                          const void* __restrict__ dest, int gidx, int gshift,
+                                          const i64* __restrict__ dest,
                                           const i64* __restrict__ len, i64 ulen, u8* fixflag,
                                           u32* fixcount) {
     if (mode != 2) return true;
-    return bit_of(conf, g) && owns(g, p, m, key, key_base, stamp, dest, gidx, gshift, len, ulen,
-                                   fixflag, fixcount);
+    return bit_of(conf, g) && owns(g, p, m, key, key_base, stamp, dest, len, ulen, fixflag,
+                                   fixcount);
 }
 
-// One group of `lanes` threads per run; lane k copies 16-byte chunks k, k+lanes, ...
+// One group of `lanes` threads per run (dest[]: byte offsets; granule-numbered runs have kernels of
+// their own); lane k copies 16-byte chunks k, k+lanes, ...
 // mode 0: plain batched copy (destinations known disjoint: copy_runs); 1: pass 1; 2: pass 3 (from
 // runs_post). counters = [fixups, listed runs].
 __device__ __forceinline__ void apply_run(
     i64 r, int lane, int lanes, u8* __restrict__ dst, const u8* __restrict__ src,
-    const void* __restrict__ dest, int gidx, const i64* __restrict__ soff,
+    const i64* __restrict__ dest, const i64* __restrict__ soff,
     const i64* __restrict__ len, i64 ulen, int mode, u32 key_base, const u32* __restrict__ stamp,
     u32* __restrict__ seen, u32* __restrict__ conf, u32* __restrict__ counters, int gshift,
     u8* fixflag, u32* __restrict__ conf_flags) {
     u32* fixcount = counters;
-    i64 d = dest_of(dest, gidx, gshift, r), s = RUN_SRC(r), L = RUN_LEN(r);
+    i64 d = __ldg(dest + r), s = RUN_SRC(r), L = RUN_LEN(r);
     u32 key = key_base + (u32)r + 1u;
     i64 g0 = (d >> gshift) + lane, glast = (d + L - 1) >> gshift;
     u32 old0 = 0;
@@ -195,15 +196,15 @@ __device__ __forceinline__ void apply_run(
         i64 m = L - c < 16 ? L - c : 16;
         i64 ga = (d + c) >> gshift, gb = (d + c + m - 1) >> gshift;
         if (vec && m == 16 && ga == gb) {
-            if (may_write(mode, ga, d + c, 16, key, key_base, stamp, conf, dest, gidx, gshift, len,
-                          ulen, fixflag, fixcount))
+            if (may_write(mode, ga, d + c, 16, key, key_base, stamp, conf, dest, len, ulen,
+                          fixflag, fixcount))
                 *(uint4*)(dst + d + c) = *(const uint4*)(src + s + c);
             continue;
         }
         for (i64 i = 0; i < m; ++i) {
             i64 p = d + c + i;
-            if (may_write(mode, p >> gshift, p, 1, key, key_base, stamp, conf, dest, gidx, gshift,
-                          len, ulen, fixflag, fixcount))
+            if (may_write(mode, p >> gshift, p, 1, key, key_base, stamp, conf, dest, len, ulen,
+                          fixflag, fixcount))
                 dst[p] = src[s + c + i];
         }
     }
@@ -217,7 +218,7 @@ __device__ __forceinline__ void apply_run(
 }
 
 extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict__ src,
-                                      const void* __restrict__ dest, int gidx,
+                                      const i64* __restrict__ dest,
                                       const i64* __restrict__ soff,
                                       const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
                                       int mode, u32 key_base, const u32* __restrict__ stamp,
@@ -227,7 +228,7 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
     int lanes = 1 << lanes_log2;
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     if ((t >> lanes_log2) < n)
-        apply_run(t >> lanes_log2, (int)(t & (lanes - 1)), lanes, dst, src, dest, gidx, soff, len,
+        apply_run(t >> lanes_log2, (int)(t & (lanes - 1)), lanes, dst, src, dest, soff, len,
                   ulen, mode, key_base, stamp, seen, conf, counters, gshift, fixflag, conf_flags);
 }
 
@@ -297,9 +298,9 @@ extern "C" __global__ void runs_post(
         i64 listed = counters[1];
         int lanes = 1 << lanes_log2;
         for (i64 t = tid; (t >> lanes_log2) < listed; t += stride)
-            apply_run(conf_runs[t >> lanes_log2], (int)(t & (lanes - 1)), lanes, dst, src, dest,
-                      gidx, soff, len, ulen, 2, key_base, stamp, seen, conf, counters, gshift,
-                      fixflag, conf_flags);
+            apply_run(conf_runs[t >> lanes_log2], (int)(t & (lanes - 1)), lanes, dst, src,
+                      (const i64*)dest, soff, len, ulen, 2, key_base, stamp, seen, conf, counters,
+                      gshift, fixflag, conf_flags);
     }
     grid.sync();
     clear_marks(conf, words, walk, dest, gidx, len, ulen, n, gshift);

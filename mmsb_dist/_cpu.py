@@ -169,6 +169,22 @@ def _copy_range(dst, d, src, s, n):
         j += 1
 
 
+@njit(nogil=True, cache=True, inline="always")
+def _run_length(src, lengths, spans, i):
+    """Run i's length: lengths[i], or with ``spans`` (no lengths) src[i + 1] - src[i]."""
+    return src[i + 1] - src[i] if spans else lengths[i]
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_clipped(arena, d, payload, s, length, lo, hi):
+    """The part of run ``payload[s:s+length]`` -> ``arena[d:]`` that falls inside arena bytes
+    [lo, hi) (a thread's range in the threaded scatters)."""
+    a = max(d, lo)
+    b = min(d + length, hi)
+    if a < b:
+        _copy_range(arena, a, payload, s + (a - d), b - a)
+
+
 @_jit
 def scatter_runs(arena, dest, src, lengths, payload):
     """Run i: payload[src[i]:src[i] + lengths[i]] to arena[dest[i]:]. With ``lengths`` empty,
@@ -179,7 +195,7 @@ def scatter_runs(arena, dest, src, lengths, payload):
     for i in range(n):
         if i + PREFETCH_RUNS < n:
             _prefetch_for_write(arena, dest[i + PREFETCH_RUNS])
-        _copy_range(arena, dest[i], payload, src[i], src[i + 1] - src[i] if spans else lengths[i])
+        _copy_range(arena, dest[i], payload, src[i], _run_length(src, lengths, spans, i))
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -199,11 +215,8 @@ def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
                 ahead = dest[i + PREFETCH_RUNS]
                 if lo <= ahead < hi:
                     _prefetch_for_write(arena, ahead)
-            d = dest[i]
-            a = max(d, lo)
-            b = min(d + (src[i + 1] - src[i] if spans else lengths[i]), hi)
-            if a < b:
-                _copy_range(arena, a, payload, src[i] + (a - d), b - a)
+            _copy_clipped(arena, dest[i], payload, src[i], _run_length(src, lengths, spans, i),
+                          lo, hi)
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -223,8 +236,7 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
     for c in prange(parts):
         for i in range(c * chunk, min(n, (c + 1) * chunk)):
             d = dest[i]
-            length = src[i + 1] - src[i] if spans else lengths[i]
-            for k in range(d // step, (d + length - 1) // step + 1):
+            for k in range(d // step, (d + _run_length(src, lengths, spans, i) - 1) // step + 1):
                 counts[c, k] += 1
     where = np.empty((parts, parts + 1), np.int64)  # where slice c files its first run of range k
     total = 0
@@ -238,8 +250,7 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
         at = where[c].copy()
         for i in range(c * chunk, min(n, (c + 1) * chunk)):
             d = dest[i]
-            length = src[i + 1] - src[i] if spans else lengths[i]
-            for k in range(d // step, (d + length - 1) // step + 1):
+            for k in range(d // step, (d + _run_length(src, lengths, spans, i) - 1) // step + 1):
                 order[at[k]] = i
                 at[k] += 1
     for k in prange(parts):
@@ -250,10 +261,8 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
             if j + PREFETCH_RUNS < last:
                 _prefetch_for_write(arena, max(lo, dest[order[j + PREFETCH_RUNS]]))
             i = order[j]
-            d = dest[i]
-            a = max(d, lo)
-            b = min(d + (src[i + 1] - src[i] if spans else lengths[i]), hi)
-            _copy_range(arena, a, payload, src[i] + (a - d), b - a)
+            _copy_clipped(arena, dest[i], payload, src[i], _run_length(src, lengths, spans, i),
+                          lo, hi)
 
 
 @_jit

@@ -263,14 +263,14 @@ class CupyBackend(Backend):
 
     def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None) -> None:
         """A plain batched copy (mode 0, no ``state``) or pass 1 (mode 1) through the general
-        kernel (``runs_apply``): a group of threads per run."""
+        kernel (``runs_apply``): a group of threads per run; ``dd`` holds byte offsets."""
         n = int(dd.size)
         lanes_log2 = _lanes_log2(maxlen)
         st = state
         d32 = self._dummy32
         self._k["runs_apply"](
             _grid(n << lanes_log2), (_BLOCK,),
-            (dst, src, dd, np.int32(dd.dtype == cp.uint32), sd, ld, np.int64(ulen), np.int64(n),
+            (dst, src, dd, sd, ld, np.int64(ulen), np.int64(n),
              np.int32(lanes_log2), np.int32(mode), np.uint32(st.key_base if st else 0),
              st.stamp if st else d32, st.seen if st else d32, st.conf if st else d32,
              st.counters if st else self._dummy_counters, np.int32(_GSHIFT),

@@ -412,9 +412,9 @@ def test_threaded_cpu_scatter_matches_reference_across_range_boundaries(rng, par
         want = arena.copy()
         ref.scatter_runs(want, dest, src, lengths, payload)
         if trial % 2:  # as spans: run i is payload[src[i]:src[i + 1]]
-            starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-            ref_payload = np.concatenate([payload[s:s + n] for s, n in zip(src, lengths)])
-            scatter(arena, dest, starts, np.zeros(0, np.int64), ref_payload, parts)
+            starts = np.append(_back_to_back(lengths), lengths.sum())
+            packed = np.concatenate([payload[s:s + n] for s, n in zip(src, lengths)])
+            scatter(arena, dest, starts, np.zeros(0, np.int64), packed, parts)
         else:
             scatter(arena, dest, src, lengths, payload, parts)
         np.testing.assert_array_equal(arena, want)
