@@ -117,16 +117,16 @@ extern "C" __global__ void hold(unsigned long long ns) {
 _hold = []
 
 
-def gpu_timed(fn, repeat: int = 20, warmup: int = 3, held: bool = True) -> float:
+def gpu_timed(fn, repeat: int = 20, warmup: int = 3) -> float:
     """Median seconds of ``fn`` on the current CUDA stream, timed with device events after a
     warm-up (compilation and first-touch stay out of the figure).
 
-    ``held`` (the default) measures the device's time alone, as nvbench does: a kernel holds the
-    stream until the host has enqueued the start event, all of ``fn``'s work and the stop event,
-    so the host's launch latency (tens of microseconds of Python before the first kernel) is not
-    counted; the gaps between ``fn``'s own kernels are. The hold lasts 4x the enqueue of the last
-    warm-up call (at least 1 ms; the first call may compile). A ``fn`` that waits for the device inside falls back to
-    timing from its call. ``held=False`` times from the moment the host starts ``fn``."""
+    This is the device's time alone, as nvbench measures it: a kernel holds the stream until the
+    host has enqueued the start event, all of ``fn``'s work and the stop event, so the host's
+    launch latency (tens of microseconds of Python before the first kernel) is not counted; the
+    gaps between ``fn``'s own kernels are. The hold lasts 4x the enqueue of the last warm-up call
+    (at least 1 ms; the first call may compile). A ``fn`` that waits for the device inside is
+    timed from its call. ``gpu_timed_from_call`` counts the host's latency."""
     import statistics
 
     import cupy as cp
@@ -136,18 +136,43 @@ def gpu_timed(fn, repeat: int = 20, warmup: int = 3, held: bool = True) -> float
         t0 = time.perf_counter()
         fn()
         enqueue = time.perf_counter() - t0
-    if held and not _hold:
+    if not _hold:
         _hold.append(cp.RawModule(code=_HOLD_SRC).get_function("hold"))
     hold_ns = np.uint64(max(1e-3, 4 * enqueue) * 1e9)
     start, stop = cp.cuda.Event(), cp.cuda.Event()
     times = []
     cp.cuda.get_current_stream().synchronize()  # each round below ends synchronized too
     for _ in range(repeat):
-        if held:
-            _hold[0]((1,), (1,), (hold_ns,))
+        _hold[0]((1,), (1,), (hold_ns,))
         start.record()
         fn()
         stop.record()
         stop.synchronize()
         times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
     return statistics.median(times)
+
+
+def gpu_timed_from_call(fns: dict, repeat: int = 40, warmup: int = 2) -> dict:
+    """Median seconds of each of ``fns`` (name -> function) timed from the host's call: device
+    events around the call on an idle stream, so the Python before the first kernel and the
+    launch latency count, as a caller waits them. The functions take turns in every round, so
+    that the host's drift (its clock, other processes: tens of microseconds between runs on the
+    H100 host) falls on all of them alike and their ratios hold."""
+    import statistics
+
+    import cupy as cp
+
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    start, stop = cp.cuda.Event(), cp.cuda.Event()
+    times = {name: [] for name in fns}
+    cp.cuda.get_current_stream().synchronize()
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times[name].append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -9,7 +9,8 @@ GPU (when CuPy sees a device): plain device-to-device copy bandwidth; bitmask me
 scatter as effective bandwidth and as a fraction of that copy; run scatter vs CuPy fancy indexing.
 GPU times are the device's (``_common.gpu_timed``: the stream is held while the host enqueues, so
 Python's launch latency is not counted, for the baselines as for the kernels); the copy, the
-scatter and CuPy's fancy indexing are also timed from the host's call (``*_from_call``).
+scatter and CuPy's fancy indexing are also timed from the host's call, taking turns
+(``_common.gpu_timed_from_call``; ``*_from_call``).
 All data is random and non-zero; medians of repeated runs after warm-up.
 """
 
@@ -24,7 +25,7 @@ import time
 
 import numpy as np
 
-from _common import gpu_timed, write_json  # noqa: E402  (benchmarks/ is on sys.path)
+from _common import gpu_timed, gpu_timed_from_call, write_json  # noqa: E402  (benchmarks/ is on sys.path)
 from mmsb_dist import DeltaBatch, PageArena
 from mmsb_dist.backend import get_backend, gpu_available
 
@@ -160,15 +161,37 @@ def bench_gpu(quick: bool) -> dict:
     nbytes = (256 << 20) if quick else (1 << 30)
     src = rng.integers(1, 256, nbytes, dtype=cp.uint8)
     dst = cp.empty_like(src)
-    t_copy = gpu_timed(lambda: cp.copyto(dst, src))
-    t_copy_call = gpu_timed(lambda: cp.copyto(dst, src), held=False)
+    calls = {"copy": lambda: cp.copyto(dst, src)}  # what is also timed from the call
+    t_copy = gpu_timed(calls["copy"])
     copy_bw = 2 * nbytes / t_copy
     arena = rng.integers(1, 256, nbytes, dtype=cp.uint8)
-    return {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
-            "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9,
-                     "s_from_call": t_copy_call, "GBps_from_call": 2 * nbytes / t_copy_call / 1e9},
-            **_gpu_merge(be, rng, arena, copy_bw),
-            **_gpu_scatter(be, rng, arena, copy_bw, 2 * nbytes / t_copy_call)}
+    out = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+           "copy": {"bytes": nbytes, "s": t_copy, "GBps": copy_bw / 1e9},
+           **_gpu_merge(be, rng, arena, copy_bw),
+           **_gpu_scatter(be, rng, arena, copy_bw, calls)}
+    _from_call(out, calls)
+    return out
+
+
+def _from_call(g: dict, calls: dict) -> None:
+    """Adds to the rows of ``g`` their times from the host's call (``gpu_timed_from_call``): the
+    copy and the scatter on both kinds of slots taking turns, then each of CuPy's assignments
+    taking turns with the scatter it is held against (nothing else in the loop: another
+    function's work in between shifted the copy's time from the call by tens of microseconds)."""
+    t = gpu_timed_from_call({k: calls[k] for k in ("copy", "run_scatter_64B",
+                                                   "run_scatter_64B_distinct")})
+    copy = g["copy"]
+    copy.update(s_from_call=t["copy"], GBps_from_call=2 * copy["bytes"] / t["copy"] / 1e9)
+    for key in ("run_scatter_64B", "run_scatter_64B_distinct"):
+        row = g[key]
+        row.update(s_from_call=t[key], fraction_of_copy_from_call=(
+            row["fraction_of_copy"] * row["s"] / t[key] / (copy["s"] / t["copy"])))
+    for key, fn in calls.items():
+        if key.startswith("cupy_fancy_rows"):
+            ours = "run_scatter_64B_distinct" if key.endswith("distinct") else "run_scatter_64B"
+            pair = gpu_timed_from_call({key: fn, ours: calls[ours]}, repeat=20)
+            g[key].update(s_from_call=pair[key],
+                          ratio_scatter_vs_fancy_from_call=pair[key] / pair[ours])
 
 
 def _gpu_merge(be, rng, arena, copy_bw) -> dict:
@@ -190,14 +213,15 @@ def _gpu_merge(be, rng, arena, copy_bw) -> dict:
                               "fraction_of_copy": moved / t / copy_bw}}
 
 
-def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
+def _gpu_scatter(be, rng, arena, copy_bw, calls: dict) -> dict:
     """64-byte runs at random 64-byte slots, drawn with repeats (as hot keys are), so ~11% of the
     runs collide and take the ordered path; also distinct slots. Both indexed by granule number,
     as ``scatter_runs`` sends such runs; distinct slots again as byte offsets (the general
     kernel's pass 1), the general layout (per-run source offsets and lengths), the same runs
     with no order kept (the floor: what keeping batch order costs), and the device's ceiling (a
     sequential 64-byte read and a random 64-byte write, with no destination to read and no
-    order to keep). Then CuPy's ways of doing the same."""
+    order to keep). Then CuPy's ways of doing the same. Adds to ``calls`` what is also timed
+    from the call."""
     import cupy as cp
 
     nbytes = arena.size
@@ -218,29 +242,26 @@ def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
                           st, maxlen=64, ulen=0 if general else 64, granule_pairs=n,
                           run_bytes=64 * n)
 
-    def rate(t, t_call=None, **more):
-        if t_call is not None:
-            more.update(s_from_call=t_call,
-                        fraction_of_copy_from_call=2 * n * 64 / t_call / copy_bw_call)
+    def rate(t, **more):
         return {"s": t, "deltas_per_s": n / t, "fraction_of_copy": 2 * n * 64 / t / copy_bw,
                 **more}  # bytes: payload read + arena write
 
-    # (device time, time from the call) of the scatter, per kind of slots
-    ours = {label: (gpu_timed(lambda g=g: scatter(g)),
-                    gpu_timed(lambda g=g: scatter(g), held=False))
-            for label, g in (("colliding", gd), ("distinct", gd_distinct))}
+    calls["run_scatter_64B"] = lambda: scatter(gd)
+    calls["run_scatter_64B_distinct"] = lambda: scatter(gd_distinct)
+    ours = {label: gpu_timed(calls[key]) for label, key in (
+        ("colliding", "run_scatter_64B"), ("distinct", "run_scatter_64B_distinct"))}
     out = {
-        "run_scatter_64B": rate(*ours["colliding"], runs=n,
-                                GBps=2 * n * 64 / ours["colliding"][0] / 1e9,
+        "run_scatter_64B": rate(ours["colliding"], runs=n,
+                                GBps=2 * n * 64 / ours["colliding"] / 1e9,
                                 colliding_runs=int(n - cp.unique(slots).size),
                                 fixup_batches=state.fixups),
-        "run_scatter_64B_distinct": rate(*ours["distinct"]),
+        "run_scatter_64B_distinct": rate(ours["distinct"]),
         "run_scatter_64B_distinct_byte_offsets": rate(gpu_timed(lambda: scatter(dd_distinct))),
         "run_scatter_64B_unordered_floor": rate(gpu_timed(lambda: be._launch_granules(
             arena, pay, gd_distinct, 64, None))),
         "random_64B_write_ceiling": rate(gpu_timed(scatter_ceiling(arena, pay, n))),
         "run_scatter_64B_general": rate(gpu_timed(lambda: scatter(dd, general=True))),
-        **_cupy_baselines(arena, pay, slots, distinct, ours),
+        **_cupy_baselines(arena, pay, slots, distinct, ours, calls),
     }
     for dest, general in ((gd, False), (dd, False), (dd, True)):  # what was timed is right
         _check_last_writer_wins(rng, nbytes, slots, pay.reshape(-1, 64),
@@ -249,11 +270,11 @@ def _gpu_scatter(be, rng, arena, copy_bw, copy_bw_call) -> dict:
     return out
 
 
-def _cupy_baselines(arena, pay, slots, distinct, ours: dict) -> dict:
-    """CuPy's ways of doing the scatter's work, each against ``ours`` ((device time, time from
-    the call) of the scatter on "colliding" and "distinct" slots): fancy assignment of 64-byte
-    rows at the same slots, what CuPy needs for the scatter's result on colliding slots, and a
-    per-byte fancy index."""
+def _cupy_baselines(arena, pay, slots, distinct, ours: dict, calls: dict) -> dict:
+    """CuPy's ways of doing the scatter's work, each against ``ours`` (the device time of the
+    scatter on "colliding" and "distinct" slots): fancy assignment of 64-byte rows at the same
+    slots, what CuPy needs for the scatter's result on colliding slots, and a per-byte fancy
+    index. The assignments of rows join ``calls``, to be timed from the call too."""
     import cupy as cp
 
     n = int(slots.size)
@@ -280,10 +301,9 @@ def _cupy_baselines(arena, pay, slots, distinct, ours: dict) -> dict:
               for w, (r, p) in wide.items()
               for suffix, s, kind in (("", slots, "colliding"), ("_distinct", distinct,
                                                                   "distinct")))):
-        t, t_call = gpu_timed(fn, repeat=repeat), gpu_timed(fn, repeat=repeat, held=False)
-        held, call = ours[kind]
-        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / held,
-                    "s_from_call": t_call, "ratio_scatter_vs_fancy_from_call": t_call / call}
+        t = gpu_timed(fn, repeat=repeat)
+        out[key] = {"s": t, "deltas_per_s": n / t, "ratio_scatter_vs_fancy": t / ours[kind]}
+        calls[key] = fn
     for w, (r, p) in wide.items():  # the wide rows carry every byte as the scatter does
         r[distinct] = p
         assert bool((rows[distinct] == pay_rows).all()), f"{w}-byte elements changed bytes"
