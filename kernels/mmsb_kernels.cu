@@ -29,13 +29,15 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 // ---- runs ---------------------------------------------------------------------------------------
 // Keeping batch order (later runs win) without sorting, optimistically:
 //   pass 1 (runs_apply, mode 1; runs_granules for `gidx` runs): every run writes all its bytes
-//          and marks, with atomicOr, a `seen` bit for each granule it touches; a run that finds
-//          the bit already set marks the granule in `conf` and raises a `conf_flags` word (one of
-//          CONF_FLAG_WORDS, picked by block: a flag that every warp with a collision stored to
-//          would serialize them all). Both bitmaps (1 bit per granule) stay in L2. Bytes in
-//          granules that only one run touched are final after this pass: in most batches, all. A
-//          lane issues its first mark before its copy and looks at the answer after it, so the two
-//          round trips overlap.
+//          (a `gidx` run skips the granules it finds touched already: pass 3 rewrites those
+//          whole) and marks, with atomicOr, a `seen` bit for each granule it touches; a run that
+//          finds the bit already set marks the granule in `conf` and raises a `conf_flags` word
+//          (one of CONF_FLAG_WORDS, picked by block: a flag that every warp with a collision
+//          stored to would serialize them all). Both bitmaps (1 bit per granule) stay in L2.
+//          Bytes in granules that only one run touched are final after this pass: in most
+//          batches, all. runs_apply's lanes issue their first mark before their copy and look
+//          at the answer after it; runs_granules' before loading their chunk, and look at it
+//          before storing the chunk: the round trips overlap either way.
 //   passes 2 and 3 (runs_post, one cooperative launch after pass 1; every batch): unless a conf
 //          flag is up, it only clears `seen`, and nothing else is left to clear (the usual case).
 //          Else, pass 2: in `conf` granules each run records key = key_base + index + 1 with
@@ -85,22 +87,30 @@ __device__ __forceinline__ void raise_conf_flag(bool collided, u32* __restrict__
 
 // Pass 1 (mode 1), or a plain copy (mode 0), of `gidx` runs: uniform runs of 2^cpr_log2 16-byte
 // chunks, each at a granule-aligned place, so chunk t of the batch is payload chunk t. One thread
-// per chunk; the thread on a granule's first chunk marks it before its copy and looks at the
-// answer after it.
+// per chunk; the thread on a granule's first chunk marks it, loading its chunk meanwhile, and tells
+// the granule's other threads the answer: a run that finds the granule touched already skips its
+// copy there (pass 3 rewrites every conflicted granule whole, from its last toucher), so each
+// granule is written once in this pass.
 extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* __restrict__ src,
                                          const u32* __restrict__ gdest, i64 n, int cpr_log2,
                                          int mode, u32* __restrict__ seen, u32* __restrict__ conf,
                                          u32* __restrict__ conf_flags, int gshift) {
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
-    bool collided = false;
-    if ((t >> cpr_log2) < n) {
-        i64 p = ((i64)gdest[t >> cpr_log2] << gshift) + (t & ((1 << cpr_log2) - 1)) * 16;
-        i64 g = p >> gshift;
+    bool in = (t >> cpr_log2) < n, collided = false;
+    i64 p = 0, g = 0;
+    uint4 v;
+    if (in) {
+        p = ((i64)gdest[t >> cpr_log2] << gshift) + (t & ((1 << cpr_log2) - 1)) * 16;
+        g = p >> gshift;
         bool marks = mode == 1 && (p & ((1 << gshift) - 1)) == 0;
         u32 old = marks ? atomicOr(&seen[g >> 5], 1u << (g & 31)) : 0u;
-        dst[p >> 4] = src[t];
+        v = src[t];
         collided = marks && collided_at(g, old, conf);
     }
+    // A granule's 2^(gshift-4) chunks are consecutive lanes of one warp, the first one marking.
+    int lead = (threadIdx.x & 31) & ~((1 << (gshift - 4)) - 1);
+    bool skip = __shfl_sync(0xFFFFFFFFu, collided, lead);
+    if (in && !skip) dst[p >> 4] = v;
     raise_conf_flag(collided, conf_flags);
 }
 

@@ -23,6 +23,10 @@ from mmsb_dist.kernels import cuda_source
 
 _BLOCK = 256
 _GSHIFT = int(math.log2(limits.scatter_granule_bytes))
+if not (4 <= _GSHIFT <= 9 and 1 << _GSHIFT == limits.scatter_granule_bytes):
+    # runs_granules: a granule is whole 16-byte chunks, all in one warp's lanes
+    raise ValueError(f"limits.scatter_granule_bytes = {limits.scatter_granule_bytes}: the CUDA "
+                     "scatter needs a power of two from 16 to 512")
 _KERNELS = ("runs_granules", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
