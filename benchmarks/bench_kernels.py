@@ -25,7 +25,8 @@ import time
 
 import numpy as np
 
-from _common import gpu_timed, gpu_timed_from_call, write_json  # noqa: E402  (benchmarks/ is on sys.path)
+# benchmarks/ is on sys.path
+from _common import gpu_timed, gpu_timed_from_call, write_json  # noqa: E402
 from mmsb_dist import DeltaBatch, PageArena
 from mmsb_dist.backend import get_backend, gpu_available
 
