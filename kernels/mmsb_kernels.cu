@@ -97,11 +97,11 @@ extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* _
                                          u32* __restrict__ conf_flags, int gshift) {
     i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
     bool in = (t >> cpr_log2) < n, collided = false;
-    i64 p = 0, g = 0;
+    i64 p = 0;
     uint4 v;
     if (in) {
         p = ((i64)gdest[t >> cpr_log2] << gshift) + (t & ((1 << cpr_log2) - 1)) * 16;
-        g = p >> gshift;
+        i64 g = p >> gshift;
         bool marks = mode == 1 && (p & ((1 << gshift) - 1)) == 0;
         u32 old = marks ? atomicOr(&seen[g >> 5], 1u << (g & 31)) : 0u;
         v = src[t];

@@ -176,6 +176,12 @@ def _run_length(src, lengths, spans, i):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _ranges_of(d, length, step):
+    """The arena ranges of ``step`` bytes (first, last + 1) that run [d, d + length) falls in."""
+    return d // step, (d + length - 1) // step + 1
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _copy_clipped(arena, d, payload, s, length, lo, hi):
     """The part of run ``payload[s:s+length]`` -> ``arena[d:]`` that falls inside arena bytes
     [lo, hi) (a thread's range in the threaded scatters)."""
@@ -235,8 +241,8 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
     counts = np.zeros((parts, parts + 1), np.int64)  # [slice of the batch, range]
     for c in prange(parts):
         for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            d = dest[i]
-            for k in range(d // step, (d + _run_length(src, lengths, spans, i) - 1) // step + 1):
+            k0, k1 = _ranges_of(dest[i], _run_length(src, lengths, spans, i), step)
+            for k in range(k0, k1):
                 counts[c, k] += 1
     where = np.empty((parts, parts + 1), np.int64)  # where slice c files its first run of range k
     total = 0
@@ -249,8 +255,8 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
     for c in prange(parts):
         at = where[c].copy()
         for i in range(c * chunk, min(n, (c + 1) * chunk)):
-            d = dest[i]
-            for k in range(d // step, (d + _run_length(src, lengths, spans, i) - 1) // step + 1):
+            k0, k1 = _ranges_of(dest[i], _run_length(src, lengths, spans, i), step)
+            for k in range(k0, k1):
                 order[at[k]] = i
                 at[k] += 1
     for k in prange(parts):

@@ -40,12 +40,17 @@ def dtype_code(dtype) -> int:
     return _DTYPE_CODE[name]
 
 
-def _host_threads(n: int) -> int:
-    """Threads for a host pass over a batch of ``n`` deltas (page-table lookups and stamps:
-    random accesses that threads overlap); 1 below ``limits.cpu_parallel_runs_min``."""
-    if n < limits.cpu_parallel_runs_min:
-        return 1
-    return max(1, min(numba.get_num_threads(), limits.cpu_translate_threads_max))
+def _host_pass(serial, parallel, n: int, *args):
+    """A host pass over a batch of ``n`` deltas (page-table lookups, stamps: random accesses that
+    threads overlap): ``parallel(*args, threads)`` from ``limits.cpu_parallel_runs_min`` deltas
+    on, with as many threads as numba has up to ``limits.cpu_translate_threads_max``, else
+    ``serial(*args)``. Returns what the kernel returns."""
+    threads = 1
+    if n >= limits.cpu_parallel_runs_min:
+        threads = min(numba.get_num_threads(), limits.cpu_translate_threads_max)
+    if threads > 1:
+        return _cpu.run_parallel(parallel, *args, threads)
+    return serial(*args)
 
 
 def _align(n):
@@ -390,11 +395,7 @@ class PageArena:
         dest = np.empty(n, np.int64)
         args = (batch.page_ids, batch.offsets, batch.data_starts, self._keys, self._vals,
                 self._offsets, self._sizes, slots, dest)
-        threads = _host_threads(n)
-        if threads > 1:
-            code, i = _cpu.run_parallel(_cpu.translate_parallel, *args, threads)
-        else:
-            code, i = _cpu.translate(*args)
+        code, i = _host_pass(_cpu.translate, _cpu.translate_parallel, n, *args)
         if code != _cpu.OK:
             size = int(self._sizes[self.slots_of(batch.page_ids[i:i + 1])[0]]) \
                 if code == _cpu.OUT_OF_BOUNDS else None
@@ -427,12 +428,9 @@ class PageArena:
         if version is None:
             self._apply_stamp += 1
             version = self._apply_stamp
-        threads = _host_threads(len(slots))
-        if threads > 1:  # a random store per delta: on a big batch, milliseconds on one thread
-            _cpu.run_parallel(_cpu.stamp_pages_parallel, self._versions, self._dirty, slots,
-                              np.uint64(version), threads)
-        else:
-            _cpu.stamp_pages(self._versions, self._dirty, slots, np.uint64(version))
+        # A random store per delta: on a big batch, milliseconds on one thread.
+        _host_pass(_cpu.stamp_pages, _cpu.stamp_pages_parallel, len(slots), self._versions,
+                   self._dirty, slots, np.uint64(version))
 
     def write(self, page_id: int, offset: int, data, version: int | None = None) -> None:
         """One run. ``data`` as an array must be uint8 or the page's dtype."""
