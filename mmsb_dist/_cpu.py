@@ -129,6 +129,47 @@ def _store8(typingctx, array, index, value):
 
 
 @intrinsic
+def _store8_streaming(typingctx, array, index, value):
+    """Store a uint64 as the 8 bytes at byte ``index`` of a uint8 array (8-aligned) with a
+    non-temporal hint: the CPU gathers a whole cache line of such stores and writes it to memory
+    without first reading the line in or keeping it in cache. Ordered for other threads only after
+    ``_store_fence``."""
+    if not _flat(array, index, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], args[0], args[1])
+        store = builder.store(args[2], builder.bitcast(ptr, _I64P), align=8)
+        store.set_metadata("nontemporal",
+                           builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+        return context.get_dummy_value()
+    return types.void(array, index, types.uint64), codegen
+
+
+@intrinsic
+def _store_fence(typingctx):
+    """A full fence: the thread's streaming stores are visible to others before anything it does
+    after (mfence on x86-64, dmb on AArch64)."""
+    def codegen(context, builder, sig, args):
+        builder.fence("seq_cst")
+        return context.get_dummy_value()
+    return types.void(), codegen
+
+
+@intrinsic
+def _line_phase(typingctx, array, index):
+    """Where byte ``index`` of a uint8 array falls in its cache line: its address mod 64."""
+    if not _flat(array, index, types.uint8):
+        return None
+
+    def codegen(context, builder, sig, args):
+        ptr = _element_pointer(context, builder, sig.args[0], *args)
+        address = builder.ptrtoint(ptr, ir.IntType(64))
+        return builder.and_(address, ir.Constant(ir.IntType(64), CACHE_LINE - 1))
+    return types.int64(array, index), codegen
+
+
+@intrinsic
 def _prefetch_for_write(typingctx, array, index):
     """A hint that the cache line holding byte ``index`` of a uint8 array is about to be written."""
     if not _flat(array, index, types.uint8):
@@ -153,6 +194,7 @@ def _prefetch_element(typingctx, array, index):
     return types.void(array, index), codegen
 
 
+CACHE_LINE = 64  # bytes; streaming stores cover whole lines of this size
 PREFETCH_RUNS = 16  # how many runs ahead a scatter prefetches its destination
 PREFETCH_LOOKUPS = 16  # how many deltas ahead validation prefetches their page-table entries
 
@@ -182,13 +224,54 @@ def _ranges_of(d, length, step):
 
 
 @njit(nogil=True, cache=True, inline="always")
-def _copy_clipped(arena, d, payload, s, length, lo, hi):
+def _stream_line(dst, d, src, s):
+    """dst[d:d+64] = src[s:s+64], with streaming stores; dst + d starts a cache line."""
+    for q in range(0, CACHE_LINE, 8):
+        _store8_streaming(dst, d + q, _load8(src, s + q))
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_streaming(dst, d, src, s, n, phase0):
+    """_copy_range, with the whole cache lines of the destination written by streaming stores: a
+    large scatter's random lines are then neither read into the cache before being overwritten
+    nor kept there after. ``phase0``: where dst's first byte falls in its line (_line_phase).
+    The bytes before the first line boundary and after the last take plain stores. The caller
+    fences (``_store_fence``) before other threads may read."""
+    head = (-(d + phase0)) & (CACHE_LINE - 1)
+    if n < head + CACHE_LINE:  # no whole line
+        _copy_range(dst, d, src, s, n)
+        return
+    _copy_range(dst, d, src, s, head)
+    j = head
+    while j + CACHE_LINE <= n:
+        _stream_line(dst, d + j, src, s + j)
+        j += CACHE_LINE
+    _copy_range(dst, d + j, src, s + j, n - j)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _copy_clipped(arena, d, payload, s, length, lo, hi, phase0):
     """The part of run ``payload[s:s+length]`` -> ``arena[d:]`` that falls inside arena bytes
-    [lo, hi) (a thread's range in the threaded scatters)."""
+    [lo, hi) (a thread's range in the threaded scatters), whole lines streamed."""
     a = max(d, lo)
     b = min(d + length, hi)
     if a < b:
-        _copy_range(arena, a, payload, s + (a - d), b - a)
+        if b - a == CACHE_LINE and (a + phase0) & (CACHE_LINE - 1) == 0:
+            _stream_line(arena, a, payload, s + (a - d))  # the common case, without the loops
+        else:
+            _copy_streaming(arena, a, payload, s + (a - d), b - a, phase0)
+
+
+@njit(nogil=True, cache=True, inline="always")
+def _prefetch_run(arena, d, lo, hi, phase0):
+    """Prefetch the line holding byte d, the start of a run a threaded scatter is about to write,
+    if it falls in the thread's range [lo, hi) and is only partly written (a run that starts a
+    line streams it: prefetching it would only make the streaming store evict it again). Without
+    a branch, which the random destinations would mispredict half the time: the thread's first
+    line stands in for the lines that need no prefetch (this VM, 1 M random 64-byte runs on two
+    threads: 10.2 against 13.8 ms with the branch)."""
+    wanted = (lo <= d) & (d < hi) & (((d + phase0) & (CACHE_LINE - 1)) != 0)
+    _prefetch_for_write(arena, d if wanted else lo)
 
 
 @_jit
@@ -209,20 +292,22 @@ def scatter_runs_parallel(arena, dest, src, lengths, payload, parts):
     """scatter_runs on ``parts`` threads. Thread k owns bytes [k*step, (k+1)*step) of the arena and
     walks every run in batch order, writing (and prefetching) only the part inside its range:
     per-byte order is the batch order, as in the reference, with no locks. Random destinations
-    keep the threads even."""
+    keep the threads even. Whole cache lines are streamed (``_copy_streaming``): this path is
+    taken for large batches only (``limits.cpu_parallel_runs_min``), where the lines written
+    would not stay cached anyway."""
     spans = lengths.shape[0] == 0
     step = (arena.shape[0] + parts - 1) // parts
     n = dest.shape[0]
+    phase0 = _line_phase(arena, 0)
     for k in prange(parts):
         lo = k * step
         hi = min(arena.shape[0], lo + step)
         for i in range(n):
             if i + PREFETCH_RUNS < n:
-                ahead = dest[i + PREFETCH_RUNS]
-                if lo <= ahead < hi:
-                    _prefetch_for_write(arena, ahead)
+                _prefetch_run(arena, dest[i + PREFETCH_RUNS], lo, hi, phase0)
             _copy_clipped(arena, dest[i], payload, src[i], _run_length(src, lengths, spans, i),
-                          lo, hi)
+                          lo, hi, phase0)
+        _store_fence()
 
 
 @njit(nogil=True, cache=True, parallel=True)
@@ -238,6 +323,7 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
     n = dest.shape[0]
     step = (arena.shape[0] + parts - 1) // parts
     chunk = (n + parts - 1) // parts
+    phase0 = _line_phase(arena, 0)
     counts = np.zeros((parts, parts + 1), np.int64)  # [slice of the batch, range]
     for c in prange(parts):
         for i in range(c * chunk, min(n, (c + 1) * chunk)):
@@ -265,10 +351,11 @@ def scatter_runs_bucketed(arena, dest, src, lengths, payload, parts):
         last = where[0, k + 1]
         for j in range(where[0, k], last):
             if j + PREFETCH_RUNS < last:
-                _prefetch_for_write(arena, max(lo, dest[order[j + PREFETCH_RUNS]]))
+                _prefetch_run(arena, max(lo, dest[order[j + PREFETCH_RUNS]]), lo, hi, phase0)
             i = order[j]
             _copy_clipped(arena, dest[i], payload, src[i], _run_length(src, lengths, spans, i),
-                          lo, hi)
+                          lo, hi, phase0)
+        _store_fence()
 
 
 @_jit

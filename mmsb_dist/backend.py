@@ -76,6 +76,7 @@ class Backend(ABC):
         return None
 
 
+_HOST_ALIGN = 4096  # CpuBackend.zeros: where a host arena starts
 _NO_LENGTHS = np.zeros(0, np.int64)  # _cpu.scatter_runs: take run lengths from consecutive src
 
 
@@ -97,10 +98,16 @@ class CpuBackend(Backend):
                                   numba.config.NUMBA_NUM_THREADS, limits.cpu_scatter_threads_max))
 
     def zeros(self, nbytes: int) -> np.ndarray:
+        """A zeroed arena starting on a memory page boundary (NumPy's own buffers start 16 bytes
+        past one), so that aligned page offsets are aligned addresses: the threaded scatter
+        streams whole cache lines, which needs them."""
+        nbytes = int(nbytes)
         try:
-            return np.zeros(int(nbytes), dtype=np.uint8)
+            raw = np.zeros(nbytes + _HOST_ALIGN, dtype=np.uint8)
         except MemoryError as exc:
             raise CapacityError(f"cannot allocate a host arena of {nbytes} bytes") from exc
+        skip = -raw.ctypes.data % _HOST_ALIGN
+        return raw[skip:skip + nbytes]
 
     def upload(self, host: np.ndarray) -> np.ndarray:
         return host

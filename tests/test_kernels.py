@@ -420,6 +420,47 @@ def test_threaded_cpu_scatter_matches_reference_across_range_boundaries(rng, par
         np.testing.assert_array_equal(arena, want)
 
 
+@pytest.mark.parametrize("kernel", ["scatter_runs_parallel", "scatter_runs_bucketed"])
+@pytest.mark.parametrize("phase", [0, 1, 8, 16, 63])
+def test_threaded_cpu_scatter_streams_whole_lines_at_any_arena_phase(rng, phase, kernel):
+    """The threaded scatters write whole cache lines with streaming stores and the bytes around
+    them with plain ones: with the arena starting anywhere in a line, runs of whole lines at line
+    boundaries, runs with a partial head and tail, runs shorter than a line and runs crossing the
+    threads' ranges give the ordered result, and nothing outside the arena changes."""
+    from mmsb_dist import _cpu
+    scatter = getattr(_cpu, kernel)
+    base = rng.integers(0, 256, 64 + 20_000 + 64, dtype=np.uint8)
+    skip = (phase - base.ctypes.data) % 64
+    arena = base[skip:skip + 20_000]  # arena byte 0 is at `phase` within its line
+    line0 = (-phase) % 64  # the arena offset of the first line boundary
+    outside = np.concatenate([base[:skip], base[skip + arena.size:]]).copy()
+    for trial in range(6):
+        n = 3000
+        lengths = rng.choice([64, 128, 320, 17, 200, 1000], n)
+        dest = rng.integers(0, arena.size - lengths)
+        on_line = rng.random(n) < 0.6  # most runs start on a line boundary
+        dest[on_line] = np.maximum(0, dest[on_line] - (dest[on_line] - line0) % 64)
+        src = _back_to_back(lengths)
+        payload = rng.integers(0, 256, int(lengths.sum()), dtype=np.uint8)
+        want = arena.copy()
+        ref.scatter_runs(want, dest, src, lengths, payload)
+        scatter(arena, dest, src, lengths, payload, [2, 3, 5][trial % 3])
+        np.testing.assert_array_equal(arena, want)
+        np.testing.assert_array_equal(
+            np.concatenate([base[:skip], base[skip + arena.size:]]), outside)
+
+
+def test_cpu_backend_arena_starts_on_a_memory_page():
+    """Aligned page offsets must be aligned addresses for the threaded scatter's streaming
+    stores: the host arena starts on a 4096-byte boundary, zeroed, at any size."""
+    from mmsb_dist.backend import get_backend
+    be = get_backend("numpy")
+    for size in (1, 4095, 4096, 1 << 20, (1 << 20) + 17):
+        arena = be.zeros(size)
+        assert arena.size == size and arena.ctypes.data % 4096 == 0
+        assert not arena.any()
+
+
 def test_cpu_scatter_and_copy_take_strided_inputs(rng):
     """The CPU kernels address bytes from the data pointer: a strided payload or source must be
     made contiguous first, not misread."""
