@@ -144,12 +144,20 @@ def gpu_timed(fn, repeat: int = 20, warmup: int = 3) -> float:
     cp.cuda.get_current_stream().synchronize()  # each round below ends synchronized too
     for _ in range(repeat):
         _hold[0]((1,), (1,), (hold_ns,))
-        start.record()
-        fn()
-        stop.record()
-        stop.synchronize()
-        times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+        times.append(_between_events(fn, start, stop))
     return statistics.median(times)
+
+
+def _between_events(fn, start, stop) -> float:
+    """Seconds between two CUDA events recorded on the current stream around ``fn()``, once the
+    second has passed."""
+    import cupy as cp
+
+    start.record()
+    fn()
+    stop.record()
+    stop.synchronize()
+    return cp.cuda.get_elapsed_time(start, stop) / 1e3
 
 
 def gpu_timed_from_call(fns: dict, repeat: int = 40, warmup: int = 2) -> dict:
@@ -170,9 +178,5 @@ def gpu_timed_from_call(fns: dict, repeat: int = 40, warmup: int = 2) -> dict:
     cp.cuda.get_current_stream().synchronize()
     for _ in range(repeat):
         for name, fn in fns.items():
-            start.record()
-            fn()
-            stop.record()
-            stop.synchronize()
-            times[name].append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+            times[name].append(_between_events(fn, start, stop))
     return {name: statistics.median(t) for name, t in times.items()}

