@@ -37,14 +37,23 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 //          Bytes in granules that only one run touched are final after this pass: in most
 //          batches, all. runs_apply's lanes issue their first mark before their copy and look
 //          at the answer after it; runs_granules' before loading their chunk, and look at it
-//          before storing the chunk: the round trips overlap either way.
+//          before storing the chunk: the round trips overlap either way. runs_granules takes
+//          its blocks from the batch's end, so a granule's first toucher in time is, nearly
+//          always, its last in batch order (the later runs are a wave or more ahead), and the
+//          bytes it stored are final; a bit per run in `skipped` records the runs that skipped a
+//          granule.
 //   passes 2 and 3 (runs_post, one cooperative launch after pass 1; every batch): unless a conf
 //          flag is up, it only clears `seen`, and nothing else is left to clear (the usual case).
-//          Else, pass 2: in `conf` granules each run records key = key_base + index + 1 with
-//          atomicMax: the largest key is the last toucher; the runs doing so are listed and
-//          counted in counters[1]. A grid-wide barrier, then pass 3 (apply_run, mode 2) over the
-//          listed runs (`gidx` runs: over the `conf` granules, unlisted, rewrite_granules): in
-//          `conf` granules the last toucher rewrites its bytes. A run that is not
+//          Else, pass 2: in `conf` granules each run records its stamp, (key << 1) | first, with
+//          key = key_base + index + 1 and `first` set for a `gidx` run that skipped nothing in
+//          pass 1 (so it stored every granule it touched), with atomicMax: the largest stamp is
+//          the last toucher's; the runs doing so are listed and counted in counters[1]. For
+//          `gidx` runs in a bitmap cleared whole, the stamps are compact (rank_conflicts): the
+//          i-th conflicted granule of the arena has stamp[i], so that they stay in L2. A
+//          grid-wide barrier, then pass 3 (apply_run, mode 2) over the listed runs (`gidx`
+//          runs: over the `conf` granules, unlisted, rewrite_granules, which leaves the granules
+//          whose last toucher was `first`: their bytes are final): in `conf` granules the last
+//          toucher rewrites its bytes. A run that is not
 //          the last toucher checks whether the last one covers its bytes there (then they are
 //          right already); if not, the granule is flagged, and the host replays, in order, every
 //          run touching a flagged granule, clipped to it (runs_fix_*). A last barrier, then
@@ -57,6 +66,7 @@ __device__ __forceinline__ u64 fmix64(u64 x) {
 // with nothing to decide, and the index is half the size.
 
 #define CONF_FLAG_WORDS 1024  // as _CONF_FLAG_WORDS in _gpu.py
+#define MAX_SEGMENTS 2048  // as _MAX_SEGMENTS in _gpu.py: compact stamps, rank_conflicts
 #define RUN_LEN(r) (ulen ? ulen : len[r])
 #define RUN_SRC(r) (ulen ? (r) * ulen : soff[r])
 
@@ -89,13 +99,18 @@ __device__ __forceinline__ void raise_conf_flag(bool collided, u32* __restrict__
 // chunks, each at a granule-aligned place, so chunk t of the batch is payload chunk t. One thread
 // per chunk; the thread on a granule's first chunk marks it, loading its chunk meanwhile, and tells
 // the granule's other threads the answer: a run that finds the granule touched already skips its
-// copy there (pass 3 rewrites every conflicted granule whole, from its last toucher), so each
-// granule is written once in this pass.
+// copy there (pass 3 rewrites every conflicted granule whole, from its last toucher, unless that
+// run skipped nothing), so each granule is written once in this pass. Block b takes the batch's
+// b-th last piece: blocks start in about the order of their index, so for two runs a wave or
+// more apart (nearly every colliding pair of a big batch) the later one stores its bytes and the
+// earlier one skips, and the granule is final. A warp with a skip sets the skipping runs' bits
+// in `skipped` (its runs share a word).
 extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* __restrict__ src,
                                          const u32* __restrict__ gdest, i64 n, int cpr_log2,
                                          int mode, u32* __restrict__ seen, u32* __restrict__ conf,
-                                         u32* __restrict__ conf_flags, int gshift) {
-    i64 t = blockIdx.x * (i64)blockDim.x + threadIdx.x;
+                                         u32* __restrict__ conf_flags, int gshift,
+                                         u32* __restrict__ skipped) {
+    i64 t = ((i64)gridDim.x - 1 - blockIdx.x) * blockDim.x + threadIdx.x;
     bool in = (t >> cpr_log2) < n, collided = false;
     i64 p = 0;
     uint4 v;
@@ -111,7 +126,24 @@ extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* _
     int lead = (threadIdx.x & 31) & ~((1 << (gshift - 4)) - 1);
     bool skip = __shfl_sync(0xFFFFFFFFu, collided, lead);
     if (in && !skip) dst[p >> 4] = v;
-    raise_conf_flag(collided, conf_flags);
+    u32 voters = __ballot_sync(0xFFFFFFFFu, collided);
+    int lane = threadIdx.x & 31;
+    if (voters && lane == __ffs(voters) - 1) {
+        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+        i64 t0 = t - lane;
+        u32 bits = 0;
+        for (u32 v2 = voters; v2; v2 &= v2 - 1u) bits |= 1u << (((t0 + __ffs(v2) - 1) >> cpr_log2) & 31);
+        atomicOr(&skipped[(t0 >> cpr_log2) >> 5], bits);
+    }
+}
+
+// Where conflicted granule g's stamp is: stamp[g], or with compact stamps its rank among the
+// arena's conflicted granules (rank_conflicts), given g's `conf` word cw.
+__device__ __forceinline__ i64 stamp_slot(i64 g, u32 cw, int compact, const u32* __restrict__ base,
+                                          const u32* boff, int seg_log2) {
+    if (!compact) return g;
+    i64 w = g >> 5;
+    return (i64)base[w] + boff[w >> seg_log2] + __popc(cw & ((1u << (g & 31)) - 1u));
 }
 
 // Pass 2: every thread of the grid calls (the loop's barriers are per block). `gidx` runs are not
@@ -120,7 +152,10 @@ __device__ __forceinline__ void stamp_runs(const void* __restrict__ dest, int gi
                                            const i64* __restrict__ len, i64 ulen, i64 n,
                                            u32 key_base, u32* __restrict__ stamp,
                                            const u32* __restrict__ conf, u32* __restrict__ counters,
-                                           u32* __restrict__ conf_runs, int gshift) {
+                                           u32* __restrict__ conf_runs, int gshift,
+                                           const u32* __restrict__ skipped, int compact,
+                                           const u32* __restrict__ base, const u32* boff,
+                                           int seg_log2) {
     __shared__ u32 block_hits, block_base;
     // The loop bound is the same for every thread of a block (the barriers need that).
     for (i64 r0 = blockIdx.x * (i64)blockDim.x; r0 < n; r0 += (i64)gridDim.x * blockDim.x) {
@@ -129,10 +164,12 @@ __device__ __forceinline__ void stamp_runs(const void* __restrict__ dest, int gi
         if (r < n) {
             i64 d = dest_of(dest, gidx, gshift, r);
             i64 g1 = (d + RUN_LEN(r) - 1) >> gshift;
-            u32 key = key_base + (u32)r + 1u;
+            u32 first = gidx ? ~(skipped[r >> 5] >> (r & 31)) & 1u : 0u;
+            u32 mine = ((key_base + (u32)r + 1u) << 1) | first;
             for (i64 g = d >> gshift; g <= g1; ++g) {
-                if (bit_of(conf, g)) {
-                    atomicMax(&stamp[g], key);
+                u32 cw = conf[g >> 5];
+                if ((cw >> (g & 31)) & 1u) {
+                    atomicMax(&stamp[stamp_slot(g, cw, compact, base, boff, seg_log2)], mine);
                     hit = true;
                 }
             }
@@ -159,15 +196,15 @@ __device__ __forceinline__ void flag_fixup(i64 g, u8* fixflag, u32* fixcount) {
     }
 }
 
-// Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? If not, and the last
+// Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? (Its stamp is key << 1.) If not, and the last
 // toucher does not cover them, flag the granule.
 __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
                                      const u32* __restrict__ stamp, const i64* __restrict__ dest,
                                      const i64* __restrict__ len, i64 ulen, u8* fixflag,
                                      u32* fixcount) {
-    u32 w = stamp[g];
-    if (w == key) return true;
-    i64 lr = (i64)(w - key_base - 1u);
+    u32 w = stamp[g];  // byte-offset runs: full stamps, `first` never set
+    if (w == key << 1) return true;
+    i64 lr = (i64)((w >> 1) - key_base - 1u);
     i64 ld = __ldg(dest + lr);
     if (!(ld <= p && p + m <= ld + RUN_LEN(lr))) flag_fixup(g, fixflag, fixcount);
     return false;
@@ -245,17 +282,26 @@ extern "C" __global__ void runs_apply(u8* __restrict__ dst, const u8* __restrict
 #ifdef MMSB_COOP
 // Pass 3 of `gidx` runs, by conflicted granule rather than by run: whole granules of uniform runs
 // from an aligned payload, so the last toucher, read from the granule's stamp, rewrites all of it,
-// 16 bytes at a time. A thread per `conf` word.
+// 16 bytes at a time, unless it skipped nothing in pass 1 (then it stored these bytes, and no
+// other run did). A thread per `conf` word.
 __device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8* __restrict__ src,
                                                  const u32* __restrict__ gdest, i64 ulen,
                                                  u32 key_base, const u32* __restrict__ stamp,
                                                  const u32* __restrict__ conf, i64 words,
-                                                 int gshift) {
+                                                 int gshift, int compact,
+                                                 const u32* __restrict__ base, const u32* boff,
+                                                 int seg_log2) {
     i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 w = blockIdx.x * (i64)blockDim.x + threadIdx.x; w < words; w += stride) {
-        for (u32 bits = conf[w]; bits; bits &= bits - 1u) {
+        u32 bits = conf[w];
+        if (!bits) continue;
+        // Compact stamps: the word's conflicted granules have consecutive ones.
+        i64 slot = compact ? (i64)base[w] + boff[w >> seg_log2] : 0;
+        for (; bits; bits &= bits - 1u, ++slot) {
             i64 g = w * 32 + __ffs(bits) - 1;
-            i64 r = (i64)(stamp[g] - key_base - 1u);
+            u32 last = stamp[compact ? slot : g];
+            if (last & 1u) continue;  // stored by its last toucher in pass 1
+            i64 r = (i64)((last >> 1) - key_base - 1u);
             // The granule's place in run r (a run of one granule: none, and no index to read).
             i64 within = ulen >> gshift == 1 ? 0 : (g - (i64)__ldg(gdest + r)) << gshift;
             const uint4* from = (const uint4*)(src + r * ulen + within);
@@ -263,6 +309,67 @@ __device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8*
             for (int c = 0; c < (1 << (gshift - 4)); ++c) to[c] = from[c];
         }
     }
+}
+
+// Inclusive prefix sum of x over the block's threads, in thread order; *total gets the block's
+// sum. Every thread of the block calls.
+__device__ __forceinline__ u32 block_scan(u32 x, u32* total) {
+    __shared__ u32 warp_sums[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int o = 1; o < 32; o <<= 1) {
+        u32 y = __shfl_up_sync(0xFFFFFFFFu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) warp_sums[warp] = x;
+    __syncthreads();
+    if (warp == 0) {
+        u32 w = lane < warps ? warp_sums[lane] : 0u;
+        for (int o = 1; o < 32; o <<= 1) {
+            u32 y = __shfl_up_sync(0xFFFFFFFFu, w, o);
+            if (lane >= o) w += y;
+        }
+        warp_sums[lane] = w;
+    }
+    __syncthreads();
+    u32 before = warp ? warp_sums[warp - 1] : 0u;
+    *total = warp_sums[warps - 1];
+    __syncthreads();  // warp_sums is the next call's
+    return x + before;
+}
+
+// Compact stamps, step 1 (every thread calls): block b counts the conflicted granules of the
+// `conf` words [b << seg_log2, (b + 1) << seg_log2), its segment: base[w] = how many of them lie
+// in the segment's words before w, block_sums[b] = all of them.
+__device__ __forceinline__ void rank_conflicts(const u32* __restrict__ conf, i64 words,
+                                               int seg_log2, u32* __restrict__ base,
+                                               u32* __restrict__ block_sums) {
+    i64 lo = (i64)blockIdx.x << seg_log2;
+    i64 hi = lo + ((i64)1 << seg_log2) < words ? lo + ((i64)1 << seg_log2) : words;
+    u32 before = 0, total;
+    for (i64 w0 = lo; w0 < hi; w0 += blockDim.x) {  // the same bounds for the whole block
+        i64 w = w0 + threadIdx.x;
+        u32 c = w < hi ? __popc(conf[w]) : 0u;
+        u32 upto = block_scan(c, &total);
+        if (w < hi) base[w] = before + upto - c;
+        before += total;
+    }
+    if (threadIdx.x == 0 && lo < words) block_sums[blockIdx.x] = before;
+}
+
+// Step 2, after a grid barrier, in every block: boff[s] = the conflicted granules of the segments
+// before segment s, in shared memory. Stamp i belongs to the i-th conflicted granule of the arena.
+__device__ __forceinline__ void segment_offsets(const u32* __restrict__ block_sums, i64 segs,
+                                                u32* boff) {
+    i64 per = (segs + blockDim.x - 1) / blockDim.x, s0 = threadIdx.x * per;
+    i64 s1 = s0 + per < segs ? s0 + per : segs;
+    u32 sum = 0, total;
+    for (i64 s = s0; s < s1; ++s) sum += block_sums[s];
+    u32 at = block_scan(sum, &total) - sum;
+    for (i64 s = s0; s < s1; ++s) {
+        boff[s] = at;
+        at += block_sums[s];
+    }
+    __syncthreads();
 }
 
 // Zeroes what the batch's runs can have set in a bitmap of `words` words (1 bit per granule): all
@@ -285,13 +392,17 @@ __device__ __forceinline__ void clear_marks(u32* __restrict__ bits, i64 words, i
 // Passes 2 and 3 and the clearing after pass 1 (see the top of this section), in one cooperative
 // launch: a grid that fits on the device at once, so that grid.sync() can wait for all of it.
 // Threads stride over every loop. `words`: the length of `seen` and of `conf`; `walk`: clear
-// them by walking the runs (clear_marks).
+// them by walking the runs (clear_marks). `compact` (`gidx` runs, no `walk`): stamps by rank
+// among the conflicted granules, in segments of 2^seg_log2 `conf` words, one per block at most
+// (`base`: a word per `conf` word; `block_sums`: a word per block).
 extern "C" __global__ void runs_post(
     u8* __restrict__ dst, const u8* __restrict__ src, const void* __restrict__ dest, int gidx,
     const i64* __restrict__ soff, const i64* __restrict__ len, i64 ulen, i64 n, int lanes_log2,
     u32 key_base, u32* __restrict__ stamp, u32* __restrict__ seen, u32* __restrict__ conf,
     i64 words, int walk, u32* __restrict__ counters, u32* __restrict__ conf_runs, int gshift,
-    u8* fixflag, u32* __restrict__ conf_flags) {
+    u8* fixflag, u32* __restrict__ conf_flags, u32* __restrict__ skipped, int compact,
+    u32* __restrict__ base, u32* __restrict__ block_sums, int seg_log2) {
+    __shared__ u32 boff[MAX_SEGMENTS];
     cooperative_groups::grid_group grid = cooperative_groups::this_grid();
     i64 tid = blockIdx.x * (i64)blockDim.x + threadIdx.x, stride = (i64)gridDim.x * blockDim.x;
     clear_marks(seen, words, walk, dest, gidx, len, ulen, n, gshift);  // nothing below reads it
@@ -300,10 +411,18 @@ extern "C" __global__ void runs_post(
     // Every block reads the same flags, so every block returns here or none does (grid.sync()
     // needs all). Nothing collided: `conf`, the flags and the counters are all still zero.
     if (!__syncthreads_or(raised)) return;
-    stamp_runs(dest, gidx, len, ulen, n, key_base, stamp, conf, counters, conf_runs, gshift);
+    if (compact) {
+        rank_conflicts(conf, words, seg_log2, base, block_sums);
+        grid.sync();
+        segment_offsets(block_sums, (words + ((i64)1 << seg_log2) - 1) >> seg_log2, boff);
+    }
+    stamp_runs(dest, gidx, len, ulen, n, key_base, stamp, conf, counters, conf_runs, gshift,
+               skipped, compact, base, boff, seg_log2);
     grid.sync();
     if (gidx) {
-        rewrite_granules(dst, src, (const u32*)dest, ulen, key_base, stamp, conf, words, gshift);
+        rewrite_granules(dst, src, (const u32*)dest, ulen, key_base, stamp, conf, words, gshift,
+                         compact, base, boff, seg_log2);
+        for (i64 w = tid; w < (n + 31) >> 5; w += stride) skipped[w] = 0u;  // read by pass 2 only
     } else {
         i64 listed = counters[1];
         int lanes = 1 << lanes_log2;

@@ -31,14 +31,17 @@ _KERNELS = ("runs_granules", "runs_apply", "runs_fix_pairs", "runs_fix_apply",
             "masked_merge", "runs_zero", "compare_mask", "page_hash")
 _CHUNKS_PER_THREAD = 4  # as in the .cu file: a block covers 4 * _BLOCK chunks of 16 bytes
 _CONF_FLAG_WORDS = 1024  # as CONF_FLAG_WORDS in the .cu file
+_MAX_SEGMENTS = 2048  # as MAX_SEGMENTS in the .cu file: at most one per block of runs_post's grid
 _CHUNKS_PER_LANE = 2  # 16-byte chunks per thread of a run scatter (gpu_variants.py: 1 is slower)
 
 
 class ScatterState:
     """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule), conflict
-    flags and counters (``runs_post`` leaves them clear after every batch, but for the fixup
-    count, which the host reads and clears), last-writer stamps (u32 per granule) and fixup flags
-    (u8 per granule)."""
+    flags and counters and a bit per run that skipped a granule in pass 1 (``skipped``, grown
+    with the batch) (``runs_post`` leaves them clear after every batch, but for the fixup count,
+    which the host reads and clears), last-writer stamps (u32 per granule; (key << 1) | first),
+    the ranks of conflicted granules that place compact stamps (``base``, a word per bitmap
+    word, and ``block_sums``, a word per segment) and fixup flags (u8 per granule)."""
 
     def __init__(self, capacity: int):
         granules = (int(capacity) >> _GSHIFT) + 1
@@ -55,9 +58,19 @@ class ScatterState:
         self.conf_flags = self.bits[2 * words:2 * words + _CONF_FLAG_WORDS]
         self.counters = self.bits[2 * words + _CONF_FLAG_WORDS:]
         self.stamp = cp.zeros(granules, cp.uint32)
+        self.base = cp.empty(words, cp.uint32)
+        self.block_sums = cp.empty(_MAX_SEGMENTS, cp.uint32)
+        self.skipped = cp.zeros(0, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
         self.key_base = 0
         self.fixups = 0  # batches that needed the fixup pass (statistics)
+
+    def skipped_bits(self, runs: int):
+        """The ``skipped`` bitmap for a batch of ``runs`` runs (zero: ``runs_post`` clears it)."""
+        words = (runs + 31) // 32
+        if self.skipped.size < words:
+            self.skipped = cp.zeros(max(words, 2 * self.skipped.size), cp.uint32)
+        return self.skipped
 
 
 def _grid(threads: int) -> tuple[int]:
@@ -219,7 +232,7 @@ class CupyBackend(Backend):
         if gidx and not (sd is None and ld is None and _granule_numbered(ulen, arena, payload)):
             raise ValueError(f"granule-numbered runs need one power-of-two length of whole "
                              f"granules and aligned buffers, not ulen={ulen}")
-        if state.key_base + n + 1 >= 1 << 32:  # keys would wrap: forget every old stamp
+        if state.key_base + n + 1 >= 1 << 31:  # keys (31 bits) would wrap: forget old stamps
             state.stamp.fill(0)
             state.key_base = 0
         sd = self._dummy64 if sd is None else sd
@@ -243,16 +256,22 @@ class CupyBackend(Backend):
         """Passes 2 and 3 and the clearing of the scatter state (``runs_post``), after pass 1 of
         the same runs; when nothing collided, it only clears the ``seen`` bitmap. ``walk``: clear
         the bitmaps' words that the runs touch rather than all of them (a batch touching fewer
-        granules than half the bitmap's words: few runs in a big arena)."""
+        granules than half the bitmap's words: few runs in a big arena). Granule-numbered runs
+        in a bitmap cleared whole keep compact stamps (ranked in segments of ``2**seg_log2``
+        bitmap words, one block each)."""
         n, gidx = int(dd.size), dd.dtype == cp.uint32
         # Pass 2 lists the runs of conflicted granules here (granule-numbered runs: not needed).
         conf_runs = self._dummy32 if gidx else cp.empty(n, cp.uint32)
+        words, blocks = int(state.seen.size), min(self._post_grid[0], _MAX_SEGMENTS)
+        seg_log2 = max(0, math.ceil(math.log2(-(-words // blocks))))
         self._post(self._post_grid, (_BLOCK,),
                    (dst, src, dd, np.int32(gidx), sd, ld, np.int64(ulen),
                     np.int64(n), np.int32(_lanes_log2(maxlen)), np.uint32(state.key_base),
                     state.stamp, state.seen, state.conf, np.int64(state.seen.size),
                     np.int32(walk), state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
-                    state.conf_flags))
+                    state.conf_flags, state.skipped_bits(n) if gidx else self._dummy32,
+                    np.int32(gidx and not walk), state.base, state.block_sums,
+                    np.int32(seg_log2)))
 
     def _launch_granules(self, dst, src, gd, ulen: int, state: ScatterState | None) -> None:
         """Pass 1 (with ``state``) or a plain copy (without) of granule-numbered runs
@@ -263,7 +282,7 @@ class CupyBackend(Backend):
             _grid(n << cpr_log2), (_BLOCK,),
             (dst, src, gd, np.int64(n), np.int32(cpr_log2), np.int32(1 if st else 0),
              st.seen if st else d32, st.conf if st else d32, st.conf_flags if st else d32,
-             np.int32(_GSHIFT)))
+             np.int32(_GSHIFT), st.skipped_bits(n) if st else d32))
 
     def _launch_runs(self, dst, src, dd, sd, ld, *, mode, maxlen, ulen=0, state=None) -> None:
         """A plain batched copy (mode 0, no ``state``) or pass 1 (mode 1) through the general

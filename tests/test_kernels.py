@@ -293,7 +293,8 @@ def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend
                                   "partial granules"])
 def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, monkeypatch, kind, size,
                                                           n):
-    """The scatter's scratch (seen and conf bitmaps, conflict flags, counters) is cleared on the
+    """The scatter's scratch (seen and conf bitmaps, conflict flags, counters, the bits of runs
+    that skipped a granule) is cleared on the
     device by runs_post (the seen bitmap after every batch, the rest after a batch that
     collided), and the fixup count by the host: a mark left behind would leak into the next
     batch. After batches with collisions (and, for runs covering granules partly, fixups) or
@@ -325,13 +326,14 @@ def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, monkeypa
 
     _scatter_batches_match_reference(backend, rng, size, runs, state)
     assert not bool(state.bits.any()), kind
+    assert not bool(state.skipped.any()), kind
     assert (state.fixups > 0) == (kind == "partial granules")
     assert walked and set(walked) == {size == 1 << 24}  # the clearing under test was taken
 
 
 @pytest.mark.gpu
 def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
-    """Last-writer keys are key_base + run index + 1 in 32 bits; a batch that would wrap them
+    """Last-writer keys are key_base + run index + 1 in 31 bits; a batch that would wrap them
     clears the stamps first. Batches before and after the wrap must keep batch order."""
     if backend.name != "cupy":
         pytest.skip("the stamp keys belong to the CUDA scatter")
@@ -342,9 +344,39 @@ def test_scatter_keeps_order_across_a_stamp_key_wrap(backend, rng):
         return rng.integers(0, size - 100, 2000), _back_to_back(lengths), lengths
 
     state = backend.scatter_state(size)
-    state.key_base = (1 << 32) - 3000
+    state.key_base = (1 << 31) - 3000
     _scatter_batches_match_reference(backend, rng, size, runs, state)
     assert state.key_base < 1 << 16  # it wrapped
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("granules_per_run", [1, 2])
+def test_big_granule_batch_keeps_the_last_writer_of_every_granule(backend, rng,
+                                                                   granules_per_run):
+    """A batch big enough that pass 1 runs in many waves: runs_granules takes it from its end, so
+    most colliding granules hold their last writer's bytes after pass 1, and pass 3 leaves those
+    (their stamp says the last toucher skipped nothing); the rest it rewrites. Both must hold
+    every granule's last writer, for runs of one granule and of two (a run that skipped one of
+    its granules is not trusted in the other)."""
+    if backend.name != "cupy":
+        pytest.skip("the granule-numbered scatter belongs to the CUDA backend")
+    size, n, k = 32 << 20, 1 << 19, granules_per_run
+    first = rng.integers(0, size // 64 - k + 1, n)  # any granule: two-granule runs overlap halfway
+    payload = rng.integers(0, 256, (n, 64 * k), dtype=np.uint8)
+    arena = rng.integers(0, 256, size, dtype=np.uint8)
+    want = arena.copy()
+    touched = (first[:, None] + np.arange(k)).reshape(-1)  # (run, granule) pairs in batch order
+    last = np.unique(touched[::-1], return_index=True)[1]  # each granule's last pair
+    want.reshape(-1, 64)[touched[::-1][last]] = payload.reshape(-1, 64)[::-1][last]
+    dev = _dev(backend, arena)
+    state = backend.scatter_state(size)
+    backend.scatter_runs(dev, first * 64, np.arange(n, dtype=np.int64) * 64 * k,
+                         np.full(n, 64 * k, np.int64), _dev(backend, payload.reshape(-1)), state)
+    np.testing.assert_array_equal(backend.to_host(dev), want)
+    assert touched.size - last.size > 0.1 * n  # pairs overwritten later in the batch
+    # Compact stamps (the conflicted granules' come first): some say "stored in pass 1".
+    assert int((state.stamp[: touched.size] & 1).sum()) > 0
+    assert not bool(state.skipped.any())
 
 
 _CONCURRENT_APPLIES = """
