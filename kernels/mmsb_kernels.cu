@@ -88,11 +88,13 @@ __device__ __forceinline__ bool collided_at(i64 g, u32 old, u32* __restrict__ co
     return true;
 }
 
-// One store per warp that saw a collision, to its block's flag word. Every lane of the warp calls.
-__device__ __forceinline__ void raise_conf_flag(bool collided, u32* __restrict__ conf_flags) {
+// One store per warp that saw a collision, to its block's flag word. Every lane of the warp calls;
+// the lane that stores gets the warp's ballot of `collided`, the others 0.
+__device__ __forceinline__ u32 raise_conf_flag(bool collided, u32* __restrict__ conf_flags) {
     u32 voters = __ballot_sync(__activemask(), collided);
-    if (voters && (threadIdx.x & 31) == __ffs(voters) - 1)
-        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+    if (!voters || (threadIdx.x & 31) != __ffs(voters) - 1) return 0u;
+    conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
+    return voters;
 }
 
 // Pass 1 (mode 1), or a plain copy (mode 0), of `gidx` runs: uniform runs of 2^cpr_log2 16-byte
@@ -126,13 +128,12 @@ extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* _
     int lead = (threadIdx.x & 31) & ~((1 << (gshift - 4)) - 1);
     bool skip = __shfl_sync(0xFFFFFFFFu, collided, lead);
     if (in && !skip) dst[p >> 4] = v;
-    u32 voters = __ballot_sync(0xFFFFFFFFu, collided);
-    int lane = threadIdx.x & 31;
-    if (voters && lane == __ffs(voters) - 1) {
-        conf_flags[blockIdx.x & (CONF_FLAG_WORDS - 1)] = 1u;
-        i64 t0 = t - lane;
+    u32 voters = raise_conf_flag(collided, conf_flags);
+    if (voters) {
+        i64 t0 = t - (threadIdx.x & 31);  // the warp's first thread
         u32 bits = 0;
-        for (u32 v2 = voters; v2; v2 &= v2 - 1u) bits |= 1u << (((t0 + __ffs(v2) - 1) >> cpr_log2) & 31);
+        for (; voters; voters &= voters - 1u)
+            bits |= 1u << (((t0 + __ffs(voters) - 1) >> cpr_log2) & 31);
         atomicOr(&skipped[(t0 >> cpr_log2) >> 5], bits);
     }
 }
@@ -196,8 +197,8 @@ __device__ __forceinline__ void flag_fixup(i64 g, u8* fixflag, u32* fixcount) {
     }
 }
 
-// Pass 3: may run r (key) write bytes [p, p+m) of conflicted granule g? (Its stamp is key << 1.) If not, and the last
-// toucher does not cover them, flag the granule.
+// Pass 3: may run r (key; its stamp is key << 1) write bytes [p, p+m) of conflicted granule g? If
+// not, and the last toucher does not cover them, flag the granule.
 __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
                                      const u32* __restrict__ stamp, const i64* __restrict__ dest,
                                      const i64* __restrict__ len, i64 ulen, u8* fixflag,
