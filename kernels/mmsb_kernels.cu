@@ -138,14 +138,34 @@ extern "C" __global__ void runs_granules(uint4* __restrict__ dst, const uint4* _
     }
 }
 
-// Where conflicted granule g's stamp is: stamp[g], or with compact stamps its rank among the
-// arena's conflicted granules (rank_conflicts), given g's `conf` word cw.
-__device__ __forceinline__ i64 stamp_slot(i64 g, u32 cw, int compact, const u32* __restrict__ base,
-                                          const u32* boff, int seg_log2) {
-    if (!compact) return g;
-    i64 w = g >> 5;
-    return (i64)base[w] + boff[w >> seg_log2] + __popc(cw & ((1u << (g & 31)) - 1u));
+// Stamps: (key << 1) | first, key = key_base + run + 1 (31 bits; the host clears the stamps
+// before they would wrap), so the largest stamp is the last toucher's.
+__device__ __forceinline__ u32 stamp_of(u32 key_base, i64 r, u32 first) {
+    return ((key_base + (u32)r + 1u) << 1) | first;
 }
+
+__device__ __forceinline__ i64 run_of(u32 stamp, u32 key_base) {
+    return (i64)((stamp >> 1) - key_base - 1u);
+}
+
+// Where a conflicted granule's stamp is: stamp[g], or with compact stamps (`compact`) its rank
+// among the arena's conflicted granules: base[w] (rank_conflicts) + boff[w's segment]
+// (segment_offsets) for the first conflicted granule of `conf` word w, then one more per bit.
+struct StampIndex {
+    int compact;
+    const u32* base;
+    const u32* boff;  // shared memory
+    int seg_log2;
+
+    // The first conflicted granule of word w (compact stamps only).
+    __device__ __forceinline__ i64 word(i64 w) const {
+        return (i64)base[w] + boff[w >> seg_log2];
+    }
+    // Granule g's, given its `conf` word cw.
+    __device__ __forceinline__ i64 of(i64 g, u32 cw) const {
+        return compact ? word(g >> 5) + __popc(cw & ((1u << (g & 31)) - 1u)) : g;
+    }
+};
 
 // Pass 2: every thread of the grid calls (the loop's barriers are per block). `gidx` runs are not
 // listed: their pass 3 goes by conflicted granule (rewrite_granules).
@@ -154,9 +174,7 @@ __device__ __forceinline__ void stamp_runs(const void* __restrict__ dest, int gi
                                            u32 key_base, u32* __restrict__ stamp,
                                            const u32* __restrict__ conf, u32* __restrict__ counters,
                                            u32* __restrict__ conf_runs, int gshift,
-                                           const u32* __restrict__ skipped, int compact,
-                                           const u32* __restrict__ base, const u32* boff,
-                                           int seg_log2) {
+                                           const u32* __restrict__ skipped, StampIndex at) {
     __shared__ u32 block_hits, block_base;
     // The loop bound is the same for every thread of a block (the barriers need that).
     for (i64 r0 = blockIdx.x * (i64)blockDim.x; r0 < n; r0 += (i64)gridDim.x * blockDim.x) {
@@ -166,11 +184,11 @@ __device__ __forceinline__ void stamp_runs(const void* __restrict__ dest, int gi
             i64 d = dest_of(dest, gidx, gshift, r);
             i64 g1 = (d + RUN_LEN(r) - 1) >> gshift;
             u32 first = gidx ? ~(skipped[r >> 5] >> (r & 31)) & 1u : 0u;
-            u32 mine = ((key_base + (u32)r + 1u) << 1) | first;
+            u32 mine = stamp_of(key_base, r, first);
             for (i64 g = d >> gshift; g <= g1; ++g) {
                 u32 cw = conf[g >> 5];
                 if ((cw >> (g & 31)) & 1u) {
-                    atomicMax(&stamp[stamp_slot(g, cw, compact, base, boff, seg_log2)], mine);
+                    atomicMax(&stamp[at.of(g, cw)], mine);
                     hit = true;
                 }
             }
@@ -205,7 +223,7 @@ __device__ __forceinline__ bool owns(i64 g, i64 p, i64 m, u32 key, u32 key_base,
                                      u32* fixcount) {
     u32 w = stamp[g];  // byte-offset runs: full stamps, `first` never set
     if (w == key << 1) return true;
-    i64 lr = (i64)((w >> 1) - key_base - 1u);
+    i64 lr = run_of(w, key_base);
     i64 ld = __ldg(dest + lr);
     if (!(ld <= p && p + m <= ld + RUN_LEN(lr))) flag_fixup(g, fixflag, fixcount);
     return false;
@@ -289,20 +307,18 @@ __device__ __forceinline__ void rewrite_granules(u8* __restrict__ dst, const u8*
                                                  const u32* __restrict__ gdest, i64 ulen,
                                                  u32 key_base, const u32* __restrict__ stamp,
                                                  const u32* __restrict__ conf, i64 words,
-                                                 int gshift, int compact,
-                                                 const u32* __restrict__ base, const u32* boff,
-                                                 int seg_log2) {
+                                                 int gshift, StampIndex at) {
     i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 w = blockIdx.x * (i64)blockDim.x + threadIdx.x; w < words; w += stride) {
         u32 bits = conf[w];
         if (!bits) continue;
         // Compact stamps: the word's conflicted granules have consecutive ones.
-        i64 slot = compact ? (i64)base[w] + boff[w >> seg_log2] : 0;
+        i64 slot = at.compact ? at.word(w) : 0;
         for (; bits; bits &= bits - 1u, ++slot) {
             i64 g = w * 32 + __ffs(bits) - 1;
-            u32 last = stamp[compact ? slot : g];
+            u32 last = stamp[at.compact ? slot : g];
             if (last & 1u) continue;  // stored by its last toucher in pass 1
-            i64 r = (i64)((last >> 1) - key_base - 1u);
+            i64 r = run_of(last, key_base);
             // The granule's place in run r (a run of one granule: none, and no index to read).
             i64 within = ulen >> gshift == 1 ? 0 : (g - (i64)__ldg(gdest + r)) << gshift;
             const uint4* from = (const uint4*)(src + r * ulen + within);
@@ -412,17 +428,18 @@ extern "C" __global__ void runs_post(
     // Every block reads the same flags, so every block returns here or none does (grid.sync()
     // needs all). Nothing collided: `conf`, the flags and the counters are all still zero.
     if (!__syncthreads_or(raised)) return;
+    StampIndex at = {compact, base, boff, seg_log2};
     if (compact) {
         rank_conflicts(conf, words, seg_log2, base, block_sums);
         grid.sync();
         segment_offsets(block_sums, (words + ((i64)1 << seg_log2) - 1) >> seg_log2, boff);
     }
     stamp_runs(dest, gidx, len, ulen, n, key_base, stamp, conf, counters, conf_runs, gshift,
-               skipped, compact, base, boff, seg_log2);
+               skipped, at);
     grid.sync();
     if (gidx) {
         rewrite_granules(dst, src, (const u32*)dest, ulen, key_base, stamp, conf, words, gshift,
-                         compact, base, boff, seg_log2);
+                         at);
         for (i64 w = tid; w < (n + 31) >> 5; w += stride) skipped[w] = 0u;  // read by pass 2 only
     } else {
         i64 listed = counters[1];

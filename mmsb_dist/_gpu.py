@@ -36,14 +36,18 @@ _CHUNKS_PER_LANE = 2  # 16-byte chunks per thread of a run scatter (gpu_variants
 
 
 class ScatterState:
-    """Per-arena scratch of the run scatter: `seen`/`conf` bitmaps (1 bit per granule), conflict
-    flags and counters and a bit per run that skipped a granule in pass 1 (``skipped``, grown
-    with the batch) (``runs_post`` leaves them clear after every batch, but for the fixup count,
-    which the host reads and clears), last-writer stamps (u32 per granule; (key << 1) | first),
-    the ranks of conflicted granules that place compact stamps (``base``, a word per bitmap
-    word, and ``block_sums``, a word per segment) and fixup flags (u8 per granule)."""
+    """Per-arena scratch of the run scatter.
 
-    def __init__(self, capacity: int):
+    - Cleared by ``runs_post`` after every batch: the `seen`/`conf` bitmaps (1 bit per
+      granule), the conflict flags and counters (but for the fixup count, which the host reads
+      and clears), and ``skipped``, a bit per run that skipped a granule in pass 1 (grown with
+      the batch).
+    - Kept: last-writer stamps (u32 per granule; (key << 1) | first), the fixup flags (u8 per
+      granule), and the ranks of conflicted granules that place compact stamps: ``base`` (a
+      word per bitmap word) and ``block_sums`` (a word per segment of ``2**seg_log2`` bitmap
+      words; at most ``segments`` of them, one per block of ``runs_post``'s grid)."""
+
+    def __init__(self, capacity: int, segments: int = _MAX_SEGMENTS):
         granules = (int(capacity) >> _GSHIFT) + 1
         if granules >= 1 << 32:
             raise CapacityError(f"arena of {capacity} bytes is over the scatter kernel's "
@@ -58,8 +62,9 @@ class ScatterState:
         self.conf_flags = self.bits[2 * words:2 * words + _CONF_FLAG_WORDS]
         self.counters = self.bits[2 * words + _CONF_FLAG_WORDS:]
         self.stamp = cp.zeros(granules, cp.uint32)
+        self.seg_log2 = (-(-words // min(segments, _MAX_SEGMENTS)) - 1).bit_length()
         self.base = cp.empty(words, cp.uint32)
-        self.block_sums = cp.empty(_MAX_SEGMENTS, cp.uint32)
+        self.block_sums = cp.empty(-(-words >> self.seg_log2), cp.uint32)
         self.skipped = cp.zeros(0, cp.uint32)
         self.fixflag = cp.zeros(granules, cp.uint8)
         self.key_base = 0
@@ -178,7 +183,7 @@ class CupyBackend(Backend):
         return cp.asnumpy(arr) if isinstance(arr, cp.ndarray) else np.asarray(arr)
 
     def scatter_state(self, capacity: int) -> ScatterState:
-        return ScatterState(capacity)
+        return ScatterState(capacity, self._post_grid[0])
 
     def synchronize(self) -> None:
         cp.cuda.get_current_stream().synchronize()
@@ -257,13 +262,10 @@ class CupyBackend(Backend):
         the same runs; when nothing collided, it only clears the ``seen`` bitmap. ``walk``: clear
         the bitmaps' words that the runs touch rather than all of them (a batch touching fewer
         granules than half the bitmap's words: few runs in a big arena). Granule-numbered runs
-        in a bitmap cleared whole keep compact stamps (ranked in segments of ``2**seg_log2``
-        bitmap words, one block each)."""
+        in a bitmap cleared whole keep compact stamps."""
         n, gidx = int(dd.size), dd.dtype == cp.uint32
         # Pass 2 lists the runs of conflicted granules here (granule-numbered runs: not needed).
         conf_runs = self._dummy32 if gidx else cp.empty(n, cp.uint32)
-        words, blocks = int(state.seen.size), min(self._post_grid[0], _MAX_SEGMENTS)
-        seg_log2 = max(0, math.ceil(math.log2(-(-words // blocks))))
         self._post(self._post_grid, (_BLOCK,),
                    (dst, src, dd, np.int32(gidx), sd, ld, np.int64(ulen),
                     np.int64(n), np.int32(_lanes_log2(maxlen)), np.uint32(state.key_base),
@@ -271,7 +273,7 @@ class CupyBackend(Backend):
                     np.int32(walk), state.counters, conf_runs, np.int32(_GSHIFT), state.fixflag,
                     state.conf_flags, state.skipped_bits(n) if gidx else self._dummy32,
                     np.int32(gidx and not walk), state.base, state.block_sums,
-                    np.int32(seg_log2)))
+                    np.int32(state.seg_log2)))
 
     def _launch_granules(self, dst, src, gd, ulen: int, state: ScatterState | None) -> None:
         """Pass 1 (with ``state``) or a plain copy (without) of granule-numbered runs

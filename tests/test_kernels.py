@@ -294,12 +294,11 @@ def test_scatter_indexes_by_granule_only_whole_aligned_power_of_two_runs(backend
 def test_scatter_leaves_its_state_clear_after_every_batch(backend, rng, monkeypatch, kind, size,
                                                           n):
     """The scatter's scratch (seen and conf bitmaps, conflict flags, counters, the bits of runs
-    that skipped a granule) is cleared on the
-    device by runs_post (the seen bitmap after every batch, the rest after a batch that
-    collided), and the fixup count by the host: a mark left behind would leak into the next
-    batch. After batches with collisions (and, for runs covering granules partly, fixups) or
-    without any, every word is zero again, whether the bitmaps are cleared whole or, for a few
-    runs in a big arena, word by word along the runs."""
+    that skipped a granule) is cleared on the device by runs_post (the seen bitmap after every
+    batch, the rest after a batch that collided), and the fixup count by the host: a mark left
+    behind would leak into the next batch. After batches with collisions (and, for runs
+    covering granules partly, fixups) or without any, every word is zero again, whether the
+    bitmaps are cleared whole or, for a few runs in a big arena, word by word along the runs."""
     if backend.name != "cupy":
         pytest.skip("the scatter state belongs to the CUDA scatter")
     state = backend.scatter_state(size)
